@@ -1,0 +1,3 @@
+"""ddpm: Denoising Diffusion Probabilistic Models (Ho et al. 2020) in PyTorch."""
+
+__version__ = "0.1.0"
