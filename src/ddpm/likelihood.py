@@ -1,0 +1,217 @@
+"""The variational bound on -log p(x_0), in bits per dimension.
+
+    -log p(x_0) <= L_T + sum_{t>1} L_{t-1} + L_0          (Ho et al. 2020, Eq. 5)
+
+with L_T = KL(q(x_T|x_0) || N(0, I)), L_{t-1} = KL(q(x_{t-1}|x_t, x_0) || p_theta(x_{t-1}|x_t)) and
+L_0 = -log p_theta(x_0|x_1). Each L term is an expectation over x_t ~ q(x_t | x_0); like every
+published evaluation, one draw of x_t per term is used.
+
+:func:`nll` evaluates all T terms (batched over t: several timesteps share one network call);
+:func:`nll_estimate` is an unbiased Monte Carlo estimate of the same total from K sampled
+timesteps per image, with a per-image standard error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ddpm.diffusion import GaussianDiffusion, Model, randn
+from ddpm.timesteps import LossAwareSampler
+
+EstimateMethod = Literal["stratified", "importance"]
+
+
+@dataclass
+class NLLResult:
+    """The full bound per example, bits/dim.
+
+    ``total_bpd`` [B] = ``prior_bpd`` [B] (L_T) + ``terms_bpd.sum(1)``; ``terms_bpd`` [B, T] holds
+    L_0 at index 0 (``decoder_bpd``) and the KL terms at 1..T-1 (summed in ``kl_bpd``).
+    """
+
+    total_bpd: torch.Tensor
+    prior_bpd: torch.Tensor
+    terms_bpd: torch.Tensor
+
+    @property
+    def decoder_bpd(self) -> torch.Tensor:
+        return self.terms_bpd[:, 0]
+
+    @property
+    def kl_bpd(self) -> torch.Tensor:
+        return self.terms_bpd[:, 1:].sum(dim=1)
+
+
+@dataclass
+class NLLEstimate:
+    """Monte Carlo estimate of the bound per example, bits/dim ``[B]``, with its standard error."""
+
+    total_bpd: torch.Tensor
+    stderr_bpd: torch.Tensor
+    prior_bpd: torch.Tensor
+    num_terms: int
+    method: str
+
+    def mean_and_stderr(self) -> tuple[float, float]:
+        """Average over the examples and the standard error of that average (examples independent)."""
+        n = self.total_bpd.numel()
+        return float(self.total_bpd.mean()), float(self.stderr_bpd.pow(2).sum().sqrt() / n)
+
+
+def check_data(x0: torch.Tensor) -> None:
+    """The bound is defined for finite data in [-1, 1] (the decoder's 256 bins)."""
+    if not torch.isfinite(x0).all():
+        raise ValueError("x0 contains non-finite values; the bound needs finite data in [-1, 1]")
+    lo, hi = float(x0.min()), float(x0.max())
+    if lo < -1.0 - 1e-5 or hi > 1.0 + 1e-5:
+        raise ValueError(f"x0 must lie in [-1, 1] for the discretised decoder, got values in [{lo:.4g}, {hi:.4g}]")
+
+
+@torch.no_grad()
+def evaluate_terms(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    max_batch_size: int = 1024,
+    clip_denoised: bool = False,
+) -> torch.Tensor:
+    """L_t in bits/dim for each example i and each of its timesteps ``t[i, k]``: ``[B, K]``.
+
+    The B*K (example, timestep) pairs are evaluated ``max_batch_size`` at a time, one fresh x_t
+    per pair.
+    """
+    B, K = t.shape
+    flat_t = t.reshape(-1)
+    example = torch.arange(B, device=x0.device).repeat_interleave(K)
+    out = torch.empty(B * K, device=x0.device, dtype=torch.float64)
+    for start in range(0, B * K, max_batch_size):
+        sl = slice(start, start + max_batch_size)
+        x0_chunk, t_chunk = x0[example[sl]], flat_t[sl].to(x0.device)
+        noise = randn(x0_chunk.shape, generator, device=x0.device, dtype=x0.dtype)
+        x_t = diffusion.q_sample(x0_chunk, t_chunk, noise)
+        out[sl] = diffusion.vlb_term(model, x0_chunk, x_t, t_chunk, clip_denoised=clip_denoised).double()
+    return out.reshape(B, K)
+
+
+def nll(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    x0: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    max_batch_size: int = 1024,
+    clip_denoised: bool = False,
+    progress: bool = False,
+) -> NLLResult:
+    """All T terms of the bound for each example of ``x0`` ``[B, ...]``, bits/dim."""
+    check_data(x0)
+    B, T = x0.shape[0], diffusion.num_timesteps
+    per_chunk = max(1, max_batch_size // B)  # timesteps per network call
+    chunks = range(0, T, per_chunk)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="bound terms", unit_scale=per_chunk)
+    terms = torch.empty(B, T, dtype=torch.float64, device=x0.device)
+    for start in chunks:
+        ts = torch.arange(start, min(T, start + per_chunk), device=x0.device)
+        grid = ts.expand(B, -1)
+        terms[:, ts] = evaluate_terms(
+            diffusion, model, x0, grid, generator=generator, max_batch_size=max_batch_size, clip_denoised=clip_denoised
+        )
+    prior = diffusion.prior_bpd(x0).double()
+    return NLLResult(total_bpd=prior + terms.sum(dim=1), prior_bpd=prior, terms_bpd=terms)
+
+
+def stratum_edges(num_timesteps: int, strata: int) -> torch.Tensor:
+    """Edges ``[strata + 1]`` of contiguous strata of 0..T-1 whose sizes grow geometrically.
+
+    The bound's terms are largest and change fastest at small t (most bits are spent in the last
+    steps of the reverse chain), so the first strata are a single timestep each and the variance
+    that is left sits in the long, flat tail, where two draws per stratum estimate it well.
+    """
+    T = num_timesteps
+    edges = torch.round(torch.logspace(0, math.log10(T + 1), strata + 1, dtype=torch.float64)).long() - 1
+    edges[0], edges[-1] = 0, T
+    for i in range(1, strata + 1):  # strictly increasing...
+        edges[i] = max(int(edges[i]), int(edges[i - 1]) + 1)
+    for i in range(strata - 1, -1, -1):  # ...and ending at T
+        edges[i] = min(int(edges[i]), int(edges[i + 1]) - 1)
+    return edges
+
+
+def default_proposal(diffusion: GaussianDiffusion) -> torch.Tensor:
+    """The importance proposal ``[T]``: the loss-aware sampler's if it has learned one, else p_t ~ 1/(t+1),
+    which follows the typical decay of the terms with t."""
+    sampler = diffusion.timestep_sampler
+    if isinstance(sampler, LossAwareSampler) and bool((sampler.counts == sampler.history).all()):
+        return sampler.probabilities()
+    p = 1.0 / torch.arange(1, diffusion.num_timesteps + 1, dtype=torch.float64)
+    return p / p.sum()
+
+
+def nll_estimate(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    x0: torch.Tensor,
+    num_terms: int,
+    *,
+    method: EstimateMethod = "importance",
+    proposal: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    max_batch_size: int = 1024,
+) -> NLLEstimate:
+    """Unbiased estimate of ``nll(...).total_bpd`` from ``num_terms`` sampled timesteps per image.
+
+    ``"stratified"``: 0..T-1 is cut into num_terms/2 contiguous strata (geometrically growing, see
+    :func:`stratum_edges`); two timesteps are drawn
+    uniformly (with replacement) in each. With N_h indices in stratum h and y its two terms, the
+    estimate is sum_h N_h mean(y) and its variance sum_h N_h^2 s_h^2 / 2 with s_h^2 the unbiased
+    sample variance, (y_1 - y_2)^2 / 2; two draws per stratum are what makes this variance
+    estimate unbiased. The estimate is unbiased, but with few strata its standard error has few
+    degrees of freedom and is optimistic (measured: 2 SE covered the exact bound 85% of the time).
+    ``"importance"``: t ~ ``proposal`` [T] (default :func:`default_proposal`); estimate
+    mean(L_t / p_t), standard error std(L_t / p_t) / sqrt(K) (measured: 2 SE cover the exact bound
+    94% of the time at K=40, T=100; tests/test_likelihood.py).
+    """
+    check_data(x0)
+    B, T = x0.shape[0], diffusion.num_timesteps
+    device = x0.device
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    if method == "stratified":
+        if num_terms < 2 or num_terms % 2 or num_terms // 2 > T:
+            raise ValueError(f"stratified estimation needs an even num_terms in [2, {2 * T}], got {num_terms}")
+        strata = num_terms // 2
+        edges = stratum_edges(T, strata)
+        sizes = (edges[1:] - edges[:-1]).double()  # N_h
+        u = torch.rand(B, strata, 2, generator=generator, device=gen_device, dtype=torch.float64).cpu()
+        t = edges[:-1, None] + (u * sizes[:, None]).long().clamp(max=(sizes - 1).long()[:, None])
+        y = evaluate_terms(
+            diffusion, model, x0, t.reshape(B, -1).to(device), generator=generator, max_batch_size=max_batch_size
+        ).reshape(B, strata, 2)
+        sizes = sizes.to(device)
+        total_terms = (sizes * y.mean(dim=2)).sum(dim=1)
+        variance = (sizes**2 * (y[..., 0] - y[..., 1]) ** 2 / 4).sum(dim=1)
+    elif method == "importance":
+        if num_terms < 2:
+            raise ValueError(f"importance estimation needs num_terms >= 2, got {num_terms}")
+        p = default_proposal(diffusion) if proposal is None else proposal.double().cpu()
+        if p.shape != (T,) or (p <= 0).any() or not torch.isfinite(p).all():
+            raise ValueError(f"proposal must be a positive finite tensor of shape [{T}]")
+        p = p / p.sum()
+        t = torch.multinomial(p.to(gen_device).expand(B, -1), num_terms, replacement=True, generator=generator).cpu()
+        y = evaluate_terms(diffusion, model, x0, t.to(device), generator=generator, max_batch_size=max_batch_size)
+        ratio = y / p.to(device)[t.to(device)]
+        total_terms = ratio.mean(dim=1)
+        variance = ratio.var(dim=1, unbiased=True) / num_terms
+    else:
+        raise ValueError(f"unknown method {method!r}; valid: 'stratified', 'importance'")
+    prior = diffusion.prior_bpd(x0).double()
+    return NLLEstimate(prior + total_terms, variance.sqrt(), prior, num_terms, method)
