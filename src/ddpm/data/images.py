@@ -1,0 +1,211 @@
+"""Image files: folder scanning, decoding, resize + centre crop, channel conversion, random flips.
+
+A folder is read recursively; files whose extension (any case) is in `IMAGE_EXTENSIONS` are
+images, in sorted order of their path relative to the folder. Every image is decoded with
+Pillow, converted to the dataset's channel count, resized so its shorter side equals
+`image_size` (bicubic; Pillow's resampling filters are antialiased when shrinking) and
+centre-cropped to `image_size x image_size`. The whole folder is held in memory as uint8,
+`N * C * S * S` bytes (100k RGB 64x64 images: 1.2 GB); for larger sets, convert once to a
+uint8 `.npy` and memory-map it, or write a lazy dataset that calls `load_image` per item.
+
+Channel rule: `channels` when given, else inferred from the first image in sorted order:
+1 for grey modes (L, LA, I, I;16, F, 1), else 3. Conversion then follows Pillow: colour to grey
+uses ITU-R 601 luma (L = 0.299 R + 0.587 G + 0.114 B); alpha is dropped unless channels=4;
+palette images are expanded first; 16-bit grey is scaled to 8 bits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+GREY_MODES: frozenset[str] = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_MODE_FOR_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+class ImageDecodeError(ValueError):
+    """An image file exists but cannot be decoded; the message names the file."""
+
+
+def find_images(folder: Path) -> list[Path]:
+    """All image files under `folder` (recursive, extensions in `IMAGE_EXTENSIONS`, any case), sorted."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    found = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _open(path: Path) -> PILImage.Image:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"cannot decode image file {path}: {exc}") from exc
+
+
+def infer_channels(img: PILImage.Image) -> int:
+    """1 for grey (with or without alpha), 3 for everything else."""
+    return 1 if img.mode in GREY_MODES else 3
+
+
+def to_channels(img: PILImage.Image, channels: int) -> PILImage.Image:
+    """Convert to the Pillow mode of `channels` (1: L, 2: LA, 3: RGB, 4: RGBA), see module docstring."""
+    if channels not in _MODE_FOR_CHANNELS:
+        raise ValueError(f"channels must be one of {sorted(_MODE_FOR_CHANNELS)}, got {channels}")
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # Pillow's I -> L conversion clips at 255 instead of rescaling 16-bit data.
+        from PIL import Image
+
+        wide = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / 65535.0 if wide.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(np.rint(wide * scale), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    target = _MODE_FOR_CHANNELS[channels]
+    return img if img.mode == target else img.convert(target)
+
+
+def resize_center_crop(img: PILImage.Image, image_size: int) -> PILImage.Image:
+    """Resize so the shorter side is `image_size` (bicubic, antialiased), then crop the centre square.
+
+    The crop offset is `(long - image_size) // 2`, i.e. the extra column or row of an odd
+    difference is taken from the right or bottom edge.
+    """
+    from PIL import Image
+
+    w, h = img.size
+    scale = image_size / min(w, h)
+    new_w = image_size if w <= h else max(image_size, round(w * scale))
+    new_h = image_size if h <= w else max(image_size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    return img.crop((left, top, left + image_size, top + image_size))
+
+
+def pil_to_chw(img: PILImage.Image) -> np.ndarray:
+    """Pillow image -> uint8 `[C, H, W]`."""
+    array = np.asarray(img, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def load_image(path: Path, *, channels: int, image_size: int | None) -> np.ndarray:
+    """Decode one file to uint8 `[C, H, W]`: convert channels, then resize + centre crop when sized."""
+    img = to_channels(_open(path), channels)
+    if image_size is not None:
+        img = resize_center_crop(img, image_size)
+    return pil_to_chw(img)
+
+
+def load_image_files(
+    paths: Sequence[Path],
+    *,
+    channels: int,
+    image_size: int | None,
+    skip_bad_images: bool = False,
+    num_threads: int | None = None,
+) -> tuple[np.ndarray, list[Path]]:
+    """Decode `paths` into one uint8 `[N, C, S, S]` array; returns it and the list of skipped paths.
+
+    With `image_size=None` every image must have the size of the first decodable one. An
+    undecodable file raises `ImageDecodeError` naming it, or is skipped (and returned) when
+    `skip_bad_images`. Decoding runs on a thread pool: Pillow releases the GIL while decoding.
+    """
+
+    def decode(path: Path) -> np.ndarray | ImageDecodeError:
+        try:
+            return load_image(path, channels=channels, image_size=image_size)
+        except ImageDecodeError as exc:
+            return exc
+
+    workers = num_threads or min(8, os.cpu_count() or 1)
+    kept: list[np.ndarray] = []
+    skipped: list[Path] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for path, result in zip(paths, pool.map(decode, paths), strict=True):
+            if isinstance(result, ImageDecodeError):
+                if not skip_bad_images:
+                    raise result
+                skipped.append(path)
+                continue
+            if kept and result.shape != kept[0].shape:
+                raise ValueError(
+                    f"image {path} has shape {result.shape[1:]} but {paths[0]} has {kept[0].shape[1:]}; "
+                    "pass image_size to resize and crop all images to one size"
+                )
+            kept.append(result)
+    if skipped:
+        message = f"skipped {len(skipped)} undecodable image file(s), first: {skipped[0]}"
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
+    if not kept:
+        raise ValueError(f"none of the {len(paths)} image files could be decoded")
+    return np.stack(kept), skipped
+
+
+def first_decodable(paths: Sequence[Path], *, skip_bad_images: bool) -> PILImage.Image:
+    """The first image of `paths` that decodes (the first one, unless `skip_bad_images`)."""
+    for path in paths:
+        try:
+            return _open(path)
+        except ImageDecodeError:
+            if not skip_bad_images:
+                raise
+    raise ValueError(f"none of the {len(paths)} image files could be decoded")
+
+
+def conform_images(images: np.ndarray, *, image_size: int | None, channels: int | None) -> np.ndarray:
+    """Apply the folder rules (channels, resize + centre crop) to uint8 `[N, C, H, W]` in memory.
+
+    Used for arrays and built-in sets when the caller asks for another size or channel count.
+    Returns the input unchanged when nothing is asked for.
+    """
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    same_size = image_size is None or (h == w == image_size)
+    if (channels is None or channels == c) and same_size:
+        return images
+    target_c = c if channels is None else channels
+    mode = _MODE_FOR_CHANNELS.get(c)
+    if mode is None:
+        raise ValueError(f"cannot convert images with {c} channels; expected 1 to 4")
+    out = []
+    for image in images:
+        hwc = image[0] if c == 1 else image.transpose(1, 2, 0)
+        img = to_channels(Image.fromarray(np.ascontiguousarray(hwc), mode=mode), target_c)
+        if image_size is not None:
+            img = resize_center_crop(img, image_size)
+        out.append(pil_to_chw(img))
+    return np.stack(out) if out else np.zeros((0, target_c, image_size or h, image_size or w), np.uint8)
+
+
+def random_hflip(batch: Tensor, generator: torch.Generator, *, p: float = 0.5) -> Tensor:
+    """Flip each image of `[B, C, H, W]` left-right with probability `p`, reproducibly.
+
+    Exactly one `torch.rand(B, generator=generator)` is drawn per call (on the generator's
+    device), so the flips depend only on the generator state, not on the data.
+    """
+    if batch.dim() != 4:
+        raise ValueError(f"random_hflip expects [B, C, H, W], got {tuple(batch.shape)}")
+    flip = torch.rand(batch.shape[0], generator=generator, device=generator.device) < p
+    flip = flip.to(batch.device).view(-1, 1, 1, 1)
+    return torch.where(flip, batch.flip(-1), batch)
