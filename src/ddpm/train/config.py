@@ -1,0 +1,431 @@
+"""Typed run configuration: one nested dataclass tree, the single source of defaults.
+
+A run is described by a :class:`RunConfig` with six sections (``data``, ``model``, ``diffusion``,
+``optim``, ``ema``, ``train``). It is read from TOML with :func:`load_config`, changed from the
+command line with :func:`apply_overrides` (dotted keys such as ``"train.steps"``), checked by
+:func:`validate_config`, and written back with :func:`to_toml` beside every checkpoint, so a
+checkpoint always says how it was made.
+
+TOML has no null: an ``Optional`` field that is ``None`` is simply left out of the file, which is
+why every ``Optional`` field defaults to ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Amp = Literal["none", "bf16", "fp16"]
+EMAWarmup = Literal["none", "ratio", "power"]
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from and how it is shaped (see ddpm.data.load_dataset)."""
+
+    dataset: str = "cifar10"  # a built-in name, a folder of images, or a .npy/.npz file
+    image_size: int | None = None  # resize and centre-crop images to this square size; None = native
+    channels: int | None = None  # 1, 3 or 4; None = the source's
+    hflip: bool = True  # random horizontal flips of images (ignored for vector data)
+    skip_bad_images: bool = False  # folders: skip undecodable files instead of stopping
+    num_points: int | None = None  # 2-D toy sets: points in the training split; None = their default
+    holdout_fraction: float | None = None  # share held out as the eval split; None = the data set's default
+    cache_dir: str | None = None  # where downloads are kept; None = $DDPM_CACHE or ~/.cache/ddpm
+
+
+@dataclass
+class ModelConfig:
+    """A model preset and optional overrides of its fields (None = the preset's value).
+
+    U-Net fields apply to image data and MLP fields to vector data; :func:`model_overrides`
+    returns the ones that are set.
+    """
+
+    preset: str = "auto"  # a name in ddpm.nn.PRESETS / MLP_PRESETS; "auto" picks one from the data
+    base_channels: int | None = None  # U-Net
+    channel_mult: tuple[int, ...] | None = None  # U-Net
+    num_res_blocks: int | None = None  # U-Net
+    attention_resolutions: tuple[int, ...] | None = None  # U-Net
+    num_heads: int | None = None  # U-Net
+    scale_shift_norm: bool | None = None  # U-Net
+    hidden: int | None = None  # MLP
+    num_blocks: int | None = None  # MLP
+    dropout: float | None = None  # both
+    data_shape: tuple[int, ...] | None = None  # per-example shape the network is built for; set by `ddpm train`
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and the training objective."""
+
+    schedule: str = "linear"  # a beta schedule name understood by ddpm.make_betas
+    timesteps: int = 1000  # T
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small"
+    loss: Literal["simple", "vlb", "hybrid"] = "simple"
+    timestep_sampling: Literal["uniform", "loss-aware"] = "uniform"
+    loss_weighting: Literal["none", "min-snr"] = "none"
+    min_snr_gamma: float = 5.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear learning-rate warm-up."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 5000  # lr rises linearly from lr/warmup_steps to lr over these steps
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    grad_accum: int = 1  # micro-batches per optimizer step; the global batch is unchanged
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights; see ddpm.train.ema for the warm-up formulas."""
+
+    decay: float = 0.9999  # the decay once warmed up
+    warmup: EMAWarmup = "power"  # "none", "ratio": (1+n)/(10+n), "power": 1-(1+n/inv_gamma)^-power
+    inv_gamma: float = 1.0
+    power: float = 0.75
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, batch, precision, and what is written how often."""
+
+    steps: int = 800_000  # optimizer steps in total (a resumed run continues up to this number)
+    batch_size: int = 128  # GLOBAL batch: summed over processes and micro-batches
+    seed: int = 0
+    device: Device = "auto"
+    amp: Amp = "none"  # autocast around the model call; "fp16" needs CUDA (it uses a GradScaler)
+    compile: bool = False  # torch.compile the model
+    checkpoint_every: int = 5000
+    keep_last: int = 3  # checkpoints kept in out_dir; 0 keeps all
+    log_every: int = 100
+    sample_every: int = 10_000  # call sample_fn every this many steps; 0 never
+    eval_every: int = 0  # loss of the EMA model on the eval set every this many steps; 0 never
+    eval_batches: int = 4
+    max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    out_dir: str = "runs/ddpm"
+    tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is installed
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading values: one coercion routine for TOML values and command-line strings.
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)):
+            return True, args[0] if len(args) == 1 else Union[tuple(args)]  # noqa: UP007
+    return False, tp
+
+
+def _type_name(tp: Any) -> str:
+    optional, inner = _is_optional(tp)
+    if optional:
+        return f"{_type_name(inner)} or none"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {args[0].__name__}"
+        return f"a list of {len(args)} numbers"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _parse_string(text: str, tp: Any) -> Any:
+    """Turn a command-line string into a TOML-like value for field type ``tp``."""
+    optional, inner = _is_optional(tp)
+    if optional and text.strip().lower() in ("none", "null", ""):
+        return None
+    tp = inner
+    if tp is str or typing.get_origin(tp) is Literal:
+        return text
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{text!r} is not a boolean")
+    if typing.get_origin(tp) is tuple:
+        parts = [p for p in text.replace("[", "").replace("]", "").replace("(", "").replace(")", "")
+                 .split(",") if p.strip()]
+        return [_parse_scalar(p.strip()) for p in parts]
+    return _parse_scalar(text.strip())
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)  # raises ValueError with the text in it
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` (from TOML or a parsed string) against the field type and normalise it."""
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{key}={value!r} is not valid: expected {_type_name(tp)}")
+
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise bad()
+    if typing.get_origin(inner) is Literal:
+        choices = typing.get_args(inner)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid: expected {_type_name(inner)}")
+        return value
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad()
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if typing.get_origin(inner) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        args = typing.get_args(inner)
+        elem_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(elem_types) != len(value):
+            raise bad()
+        try:
+            return tuple(_coerce(v, et, key) for v, et in zip(value, elem_types, strict=True))
+        except ConfigError:
+            raise bad() from None
+    raise bad()  # pragma: no cover - a field type this module does not know
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "config") -> RunConfig:
+    """Build a :class:`RunConfig` from nested dicts; unknown sections/keys and bad values raise."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a table of sections")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
+    sections = {}
+    for f in dataclasses.fields(RunConfig):
+        cls = f.default_factory  # type: ignore[misc]
+        values = data.get(f.name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{f.name}] must be a table, got {values!r}")
+        hints = _section_types(cls)
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            keys = ", ".join(f"{f.name}.{k}" for k in unknown)
+            raise ConfigError(f"{source}: unknown key(s) {keys}; valid keys in [{f.name}]: {sorted(hints)}")
+        kwargs = {k: _coerce(v, hints[k], f"{f.name}.{k}") for k, v in values.items()}
+        sections[f.name] = cls(**kwargs)
+    return RunConfig(**sections)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a TOML file into a validated :class:`RunConfig` (missing keys take the defaults)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    config = config_from_dict(data, source=str(path))
+    validate_config(config)
+    return config
+
+
+def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return a copy of ``config`` with dotted keys replaced, e.g. ``{"train.steps": 100}``.
+
+    Values may be typed (``100``) or strings from the command line (``"100"``, ``"0.9,0.99"``,
+    ``"true"``, ``"none"``); ``None`` values are ignored, so unset CLI flags can be passed through.
+    """
+    data = config_to_dict(config)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(f"override {key!r}: expected 'section.key' with section in {list(SECTIONS)}")
+        hints = _section_types(type(getattr(config, section)))
+        if name not in hints:
+            raise ConfigError(f"override {key!r}: unknown key; valid keys in [{section}]: {sorted(hints)}")
+        if isinstance(value, str) and hints[name] is not str:
+            try:
+                value = _parse_string(value, hints[name])
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is not valid: expected {_type_name(hints[name])}") from None
+        data[section][name] = value
+    new = config_from_dict(data, source="overrides")
+    validate_config(new)
+    return new
+
+
+def config_to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
+    """Nested plain dicts (tuples become lists), in field order."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        obj = getattr(config, section)
+        out[section] = {
+            f.name: list(v) if isinstance(v := getattr(obj, f.name), tuple) else v
+            for f in dataclasses.fields(obj)
+        }
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def to_toml(config: RunConfig) -> str:
+    """The config as TOML text: one flat table per section; ``None`` fields are left out."""
+    lines: list[str] = []
+    for section, values in config_to_dict(config).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_from_toml(text: str, *, source: str = "config") -> RunConfig:
+    """Parse TOML text (as written by :func:`to_toml`) into a :class:`RunConfig`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from None
+    return config_from_dict(data, source=source)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(to_toml(config), encoding="utf-8")
+
+
+def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
+    """Check ranges and divisibility; raise :class:`ConfigError` naming the offending key."""
+    tr, op, ema, df = config.train, config.optim, config.ema, config.diffusion
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            raise ConfigError(message)
+
+    need(tr.steps >= 0, f"train.steps={tr.steps} must be >= 0")
+    need(tr.batch_size >= 1, f"train.batch_size={tr.batch_size} must be >= 1")
+    for name in ("checkpoint_every", "log_every", "keep_last", "sample_every", "eval_every", "eval_batches"):
+        value = getattr(tr, name)
+        need(value >= 0, f"train.{name}={value} must be >= 0")
+    need(tr.max_nonfinite >= 1, f"train.max_nonfinite={tr.max_nonfinite} must be >= 1")
+    need(op.lr > 0, f"optim.lr={op.lr} must be > 0")
+    need(op.weight_decay >= 0, f"optim.weight_decay={op.weight_decay} must be >= 0")
+    need(all(0 <= b < 1 for b in op.betas), f"optim.betas={op.betas} must lie in [0, 1)")
+    need(op.warmup_steps >= 0, f"optim.warmup_steps={op.warmup_steps} must be >= 0")
+    need(op.grad_clip >= 0, f"optim.grad_clip={op.grad_clip} must be >= 0 (0 disables clipping)")
+    need(op.grad_accum >= 1, f"optim.grad_accum={op.grad_accum} must be >= 1")
+    need(0 <= ema.decay < 1, f"ema.decay={ema.decay} must lie in [0, 1)")
+    need(ema.inv_gamma > 0, f"ema.inv_gamma={ema.inv_gamma} must be > 0")
+    need(ema.power > 0, f"ema.power={ema.power} must be > 0")
+    need(df.timesteps >= 1, f"diffusion.timesteps={df.timesteps} must be >= 1")
+    need(df.min_snr_gamma > 0, f"diffusion.min_snr_gamma={df.min_snr_gamma} must be > 0")
+    for name in ("image_size", "channels", "num_points"):
+        value = getattr(config.data, name)
+        need(value is None or value >= 1, f"data.{name}={value} must be >= 1")
+    hf = config.data.holdout_fraction
+    need(hf is None or 0 <= hf < 1, f"data.holdout_fraction={hf} must lie in [0, 1)")
+    dropout = config.model.dropout
+    need(dropout is None or 0 <= dropout < 1, f"model.dropout={dropout} must lie in [0, 1)")
+    per_rank_batch(config, world_size)
+
+
+def model_overrides(model: ModelConfig) -> dict[str, Any]:
+    """The fields of ``model`` that are set (not None), preset excluded, for ``unet_preset``/``mlp_preset``."""
+    return {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(model)
+        if f.name not in ("preset", "data_shape") and getattr(model, f.name) is not None
+    }
+
+
+def per_rank_batch(config: RunConfig, world_size: int) -> tuple[int, int]:
+    """(examples per process per step, examples per micro-batch); raises if they do not divide."""
+    bs, accum = config.train.batch_size, config.optim.grad_accum
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size} must be >= 1")
+    if bs % world_size:
+        raise ConfigError(
+            f"train.batch_size={bs} is not divisible by world size {world_size}; "
+            f"use a multiple of {world_size} (train.batch_size is the global batch)"
+        )
+    local = bs // world_size
+    if local % accum:
+        raise ConfigError(
+            f"the per-process batch {local} (train.batch_size={bs} / world size {world_size}) "
+            f"is not divisible by optim.grad_accum={accum}"
+        )
+    return local, local // accum

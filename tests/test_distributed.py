@@ -1,0 +1,143 @@
+"""Two gloo processes on CPU train exactly like one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import ddpm
+from ddpm.train.checkpoint import load_weights
+from ddpm.train.config import ConfigError, RunConfig, apply_overrides
+from ddpm.train.distributed import all_gather_tensor, get_world_size, is_main_process, shard_indices
+from ddpm.train.trainer import Trainer
+
+T = 40
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+class Points:
+    """Image-shaped in-memory data (so flips are exercised)."""
+
+    kind = "image"
+
+    def __init__(self, n: int = 24) -> None:
+        self.data = torch.rand((n, 1, 4, 4), generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[1:])
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def get_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.data[indices].clone()
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(T, 4)
+        self.inp = nn.Conv2d(1, 4, 3, padding=1)
+        self.out = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inp(x) + self.emb(t)[:, :, None, None]))
+
+
+def make_config(out_dir: Path, steps: int, **overrides: object) -> RunConfig:
+    return apply_overrides(RunConfig(), {
+        "diffusion.timesteps": T, "diffusion.timestep_sampling": "loss-aware",
+        "optim.lr": 1e-2, "optim.warmup_steps": 2, "optim.grad_accum": 2, "ema.decay": 0.9,
+        "train.steps": steps, "train.batch_size": 8, "train.device": "cpu", "train.checkpoint_every": 2,
+        "train.keep_last": 0, "train.log_every": 1, "train.tensorboard": False, "train.out_dir": str(out_dir),
+        **overrides,
+    })
+
+
+def train(config: RunConfig, resume: str | Path | None = None) -> Trainer:
+    torch.manual_seed(0)
+    diffusion = ddpm.GaussianDiffusion(ddpm.make_betas("linear", T), timestep_sampling="loss-aware")
+    trainer = Trainer(config, Net(), diffusion, Points())
+    trainer.run(resume=resume)
+    return trainer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank: int, world: int, ports: tuple[int, int], root: str) -> None:
+    """One torchrun-like process: the environment is all the Trainer is told."""
+    os.environ.update({
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ports[0]),
+    })
+    torch.set_num_threads(1)
+    root_path = Path(root)
+    bad = make_config(root_path / "bad", 1, **{"train.batch_size": 7, "optim.grad_accum": 1})
+    try:
+        Trainer(bad, Net(), None, Points())
+    except ConfigError as err:  # raised before joining the group, on every rank
+        (root_path / f"error-{rank}.txt").write_text(str(err))
+
+    trainer = train(make_config(root_path / "two", 4))
+    assert trainer.world_size == world and not dist.is_initialized()  # the group is gone after run()
+
+    # The helpers themselves, in a group of our own.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank, world_size=world)
+    try:
+        assert get_world_size() == world and is_main_process() == (rank == 0)
+        gathered = all_gather_tensor(torch.tensor([rank, 10 + rank]))
+        assert gathered.tolist() == [0, 10, 1, 11]
+        assert shard_indices(8, rank, world) == slice(4 * rank, 4 * rank + 4)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_and_resume_in_one(tmp_path):
+    mp.spawn(worker, args=(2, (free_port(), free_port()), str(tmp_path)), nprocs=2, join=True)
+
+    # Rank 0 alone wrote the checkpoints and logs.
+    two = tmp_path / "two"
+    assert sorted(p.name for p in two.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000004"]
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 4
+    for rank in (0, 1):
+        assert "train.batch_size=7 is not divisible by world size 2" in (tmp_path / f"error-{rank}.txt").read_text()
+
+    one = train(make_config(tmp_path / "one", 6))
+    for which in ("raw", "ema"):
+        expected = load_weights(tmp_path / "one" / "ckpt-00000004", which)
+        got = load_weights(two / "ckpt-00000004", which)
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=0, msg=k)
+
+    # The 2-process checkpoint resumes in 1 process and continues like the uninterrupted run.
+    resumed = train(make_config(tmp_path / "resumed", 6), resume=two / "ckpt-00000004")
+    assert resumed.step == 6
+    for k, v in one.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, atol=1e-5, rtol=0, msg=k)
+    for k, v in one.ema.state_dict().items():
+        torch.testing.assert_close(resumed.ema.state_dict()[k], v, atol=1e-5, rtol=0, msg=k)
+
+
+def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"train\.batch_size=8 is not divisible by world size 3"):
+        Trainer(make_config(tmp_path, 1), Net(), None, Points())
+
+
+def test_shard_indices():
+    assert [shard_indices(6, r, 3) for r in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    with pytest.raises(ValueError, match="not divisible by world size 4"):
+        shard_indices(6, 0, 4)
