@@ -19,7 +19,7 @@ from ddpm.schedules import make_betas
 from ddpm.train.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
 
 UNET_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
-               "scale_shift_norm", "dropout")
+               "scale_shift_norm", "num_groups", "dropout")
 MLP_FIELDS = ("hidden", "num_blocks", "dropout")
 
 

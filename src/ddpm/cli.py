@@ -502,7 +502,7 @@ def cmd_forward(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise CLIError(f"image {str(path)!r} does not exist")
     array = load_image(path, channels=args.channels, image_size=args.image_size)
-    x0 = torch.from_numpy(array).float().div(127.5).sub(1).unsqueeze(0)
+    x0 = torch.tensor(array, dtype=torch.float32).div(127.5).sub(1).unsqueeze(0)
     diffusion = GaussianDiffusion(make_betas(args.schedule, args.timesteps))
     ts = args.t or sorted({0, *[round(f * (args.timesteps - 1)) for f in (0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0)]})
     if max(ts) >= args.timesteps or min(ts) < 0:

@@ -61,6 +61,7 @@ class ModelConfig:
     attention_resolutions: tuple[int, ...] | None = None  # U-Net
     num_heads: int | None = None  # U-Net
     scale_shift_norm: bool | None = None  # U-Net
+    num_groups: int | None = None  # U-Net: GroupNorm groups (must divide every width)
     hidden: int | None = None  # MLP
     num_blocks: int | None = None  # MLP
     dropout: float | None = None  # both

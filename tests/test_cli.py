@@ -1,0 +1,157 @@
+"""The command line end to end, on tiny models and data the tests write: train, resume, sample, nll,
+forward, eval, sweep; bad input gives a clear message and exit status 2."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.cli import main
+
+TINY = ["--timesteps", "50", "--batch-size", "8", "--checkpoint-every", "2", "--log-every", "1",
+        "--sample-every", "0", "--warmup-steps", "1", "--lr", "1e-3", "--device", "cpu",
+        "--set", "train.tensorboard=false", "--set", "model.base_channels=8", "--set", "model.channel_mult=1,2"]
+
+
+def write_folder(root: Path, n: int = 24, size: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir(parents=True)
+    for i in range(n):
+        arr = (rng.random((size, size)) * 255).astype(np.uint8)
+        folder = root / "sub" if i % 2 else root
+        Image.fromarray(arr, mode="L").save(folder / f"img{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    data = write_folder(tmp / "data")
+    out = tmp / "run"
+    args = ["train", "--data", str(data), "--steps", "4", "--out", str(out), "--set", "model.num_groups=8", *TINY]
+    assert main(args) == 0
+    return out
+
+
+def test_train_writes_checkpoints_metrics_and_resolved_config(trained_run: Path) -> None:
+    ckpts = sorted(p.name for p in trained_run.glob("ckpt-*"))
+    assert ckpts[-1] == "ckpt-00000004"
+    config = (trained_run / ckpts[-1] / "config.toml").read_text()
+    assert 'preset = "digits-8"' in config and "data_shape = [1, 8, 8]" in config
+    lines = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in x for x in lines)
+
+
+def test_resume_continues_to_more_steps(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    data = tmp_path / "data"
+    write_folder(data)
+    args = ["train", "--data", str(data), "--steps", "6", "--out", str(run), "--resume",
+            "--set", "model.num_groups=8", *TINY]
+    assert main(args) == 0
+    assert (run / "ckpt-00000006").is_dir()
+
+
+def test_sample_writes_grid_npz_pngs_and_animation(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    code = main(["sample", str(trained_run), "-n", "5", "--steps", "5", "--sampler", "ddim", "--out", str(out),
+                 "--format", "grid,png,npz", "--animate", "--batch-size", "2", "--device", "cpu"])
+    assert code == 0
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+    assert len(list((out / "png").glob("*.png"))) == 5
+    assert Image.open(out / "reverse_chain.gif").n_frames > 2
+    # sample i depends on its own seed only: the batch size does not change it
+    out2 = tmp_path / "s2"
+    assert main(["sample", str(trained_run), "-n", "3", "--steps", "5", "--out", str(out2), "--batch-size", "3",
+                 "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(np.load(out2 / "samples.npz")["images"], images[:3])
+
+
+def test_nll_exact_and_estimate(trained_run: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_folder(data)
+    out = tmp_path / "nll"
+    assert main(["nll", str(trained_run), "--data", str(data), "--split", "train", "-n", "4", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    exact = json.loads((out / "nll.json").read_text())
+    parts = exact["prior_bpd (L_T)"] + exact["kl_bpd (sum of L_{t-1})"] + exact["decoder_bpd (L_0)"]
+    assert exact["total_bpd"] == pytest.approx(parts, rel=1e-9)
+    assert (out / "terms.png").is_file()
+    assert main(["nll", str(trained_run), "--data", str(data), "--split", "train", "-n", "4", "--estimate", "10",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    est = json.loads((out / "nll.json").read_text())
+    assert est["stderr_bpd"] > 0 and est["mode"].startswith("importance")
+
+
+def test_forward_strip(tmp_path: Path) -> None:
+    img = tmp_path / "cat.png"
+    Image.fromarray((np.arange(16 * 16 * 3) % 255).astype(np.uint8).reshape(16, 16, 3)).save(img)
+    out = tmp_path / "strip.png"
+    assert main(["forward", str(img), "--out", str(out), "--t", "0,10,999"]) == 0
+    assert Image.open(out).size[0] > 0
+
+
+def test_bad_input_is_a_clear_error(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--data", str(empty), "--steps", "1", "--out", str(tmp_path / "r"), *TINY]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["train", "--data", "nosuchset", "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown dataset 'nosuchset'" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--set", "train.stepz=3"]) == 2
+    assert "stepz" in capsys.readouterr().err
+    assert main(["forward", str(tmp_path / "none.png")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", str(trained_run), "--sampler", "euler"])
+    assert exc.value.code == 2
+
+
+def test_corrupt_image_names_the_file_unless_skipped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = write_folder(tmp_path / "data")
+    (data / "broken.png").write_bytes(b"not a png")
+    args = ["train", "--data", str(data), "--steps", "1", "--out", str(tmp_path / "r"), "--set", "model.num_groups=8",
+            *TINY]
+    assert main(args) == 2
+    assert "broken.png" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert main([*args, "--skip-bad-images"]) == 0
+
+
+def test_checkpoint_of_another_architecture_is_refused(trained_run: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    data = write_folder(tmp_path / "data")
+    args = ["train", "--data", str(data), "--steps", "6", "--out", str(run), "--resume", *TINY,
+            "--set", "model.base_channels=16", "--set", "model.num_groups=8"]
+    assert main(args) == 2
+    assert "another architecture" in capsys.readouterr().err
+
+
+def test_eval_and_sweep_on_2d_data(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--data", "gmm", "--steps", "30", "--out", str(out), "--timesteps", "50",
+                 "--batch-size", "64", "--checkpoint-every", "30", "--sample-every", "0", "--warmup-steps", "1",
+                 "--device", "cpu", "--set", "data.num_points=512"]) == 0
+    assert main(["eval", str(out), "-n", "200", "--steps", "10", "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
+    card = json.loads((tmp_path / "e" / "eval_card.json").read_text())
+    assert {"sliced_wasserstein", "mmd_rbf", "mean_log_density_samples"} <= set(card["metrics"])
+    assert main(["sweep", str(out), "-n", "100", "--steps", "5,10", "--out", str(tmp_path / "w"),
+                 "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "w" / "sweep.json").read_text())["rows"]
+    expected = [("ancestral", 5), ("ancestral", 10), ("ddim", 5), ("ddim", 10)]
+    assert [(r["sampler"], r["steps"]) for r in rows] == expected
+    assert main(["sample", str(out), "-n", "50", "--steps", "10", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 0
+    assert (tmp_path / "s" / "scatter.png").is_file()
+    assert torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["samples"]).shape == (50, 2)
