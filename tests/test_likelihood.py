@@ -104,3 +104,17 @@ def test_bound_rejects_bad_data() -> None:
         d.nll(model, torch.tensor([[0.0, 2.0]]))
     with pytest.raises(ValueError, match="even num_terms"):
         nll_estimate(d, model, torch.zeros(1, 1), 3, method="stratified")
+
+
+def test_per_example_generators_make_the_bound_independent_of_batching() -> None:
+    d = GaussianDiffusion(make_betas("linear", 30))
+    x0 = torch.randint(0, 256, (5, 1, 2, 2)).double() / 127.5 - 1
+    model = lambda x, t: 0.5 * x  # noqa: E731
+    gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]  # noqa: E731
+    whole = d.nll(model, x0, generator=gens(range(5)), max_batch_size=7)
+    part = d.nll(model, x0[3:], generator=gens([3, 4]), max_batch_size=64)
+    torch.testing.assert_close(whole.terms_bpd[3:], part.terms_bpd)
+    for method in ("importance", "stratified"):
+        a = nll_estimate(d, model, x0, 6, method=method, generator=gens(range(5)), max_batch_size=4)
+        b = nll_estimate(d, model, x0[3:], 6, method=method, generator=gens([3, 4]))
+        torch.testing.assert_close(a.total_bpd[3:], b.total_bpd)

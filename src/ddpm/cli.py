@@ -114,11 +114,11 @@ class LoadedModel:
         return digest.hexdigest()[:16]
 
 
-def sample_seeds(seed: int, indices: Sequence[int]) -> list[int]:
-    """The seed of sample i: a function of (seed, i) only, so sample i is the same in any batch or process."""
+def sample_seeds(seed: int, indices: Sequence[int], stream: str = "sample") -> list[int]:
+    """The seed of item i: a function of (seed, stream, i) only, so item i is the same in any batch or process."""
     from ddpm.train.trainer import derive_seed
 
-    return [derive_seed(seed, "sample", int(i)) for i in indices]
+    return [derive_seed(seed, stream, int(i)) for i in indices]
 
 
 @torch.inference_mode()
@@ -400,7 +400,7 @@ def bound_on_data(loaded: LoadedModel, data: torch.Tensor, *, estimate: int | No
     mine = range(rank * per_rank, min(n, (rank + 1) * per_rank))
     T = diffusion.num_timesteps
     rows = torch.zeros(per_rank, 4 + T, dtype=torch.float64)  # total, prior, stderr, valid, terms...
-    gen = torch.Generator(device=loaded.device if loaded.device.type == "cuda" else "cpu").manual_seed(seed + rank)
+    gen_device = loaded.device if loaded.device.type == "cuda" else torch.device("cpu")
     batches = range(0, len(mine), batch_size)
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -411,6 +411,9 @@ def bound_on_data(loaded: LoadedModel, data: torch.Tensor, *, estimate: int | No
             idx = list(mine)[start : start + batch_size]
             x0 = data[idx].to(loaded.device)
             sl = slice(start, start + len(idx))
+            # image i draws its noise (and timesteps) from its own seed: results do not depend on the
+            # batch size or the number of processes
+            gen = [torch.Generator(device=gen_device).manual_seed(s) for s in sample_seeds(seed, idx, "nll")]
             if estimate is None:
                 r = nll(diffusion, loaded.model, x0, generator=gen, max_batch_size=max(batch_size, 256))
                 rows[sl, 0], rows[sl, 1], rows[sl, 4:] = r.total_bpd.cpu(), r.prior_bpd.cpu(), r.terms_bpd.cpu()

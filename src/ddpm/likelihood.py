@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from ddpm.diffusion import GaussianDiffusion, Model, randn
+from ddpm.diffusion import GaussianDiffusion, Generator, Model, randn
 from ddpm.timesteps import LossAwareSampler
 
 EstimateMethod = Literal["stratified", "importance"]
@@ -78,14 +78,15 @@ def evaluate_terms(
     x0: torch.Tensor,
     t: torch.Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     max_batch_size: int = 1024,
     clip_denoised: bool = False,
 ) -> torch.Tensor:
     """L_t in bits/dim for each example i and each of its timesteps ``t[i, k]``: ``[B, K]``.
 
     The B*K (example, timestep) pairs are evaluated ``max_batch_size`` at a time, one fresh x_t
-    per pair.
+    per pair. With one generator per example, example i's noise is drawn from its own generator in
+    the order of its timesteps, so its terms do not depend on the batch or the chunking.
     """
     B, K = t.shape
     flat_t = t.reshape(-1)
@@ -94,7 +95,10 @@ def evaluate_terms(
     for start in range(0, B * K, max_batch_size):
         sl = slice(start, start + max_batch_size)
         x0_chunk, t_chunk = x0[example[sl]], flat_t[sl].to(x0.device)
-        noise = randn(x0_chunk.shape, generator, device=x0.device, dtype=x0.dtype)
+        gens = generator if isinstance(generator, torch.Generator) or generator is None else [
+            generator[int(e)] for e in example[sl]
+        ]
+        noise = randn(x0_chunk.shape, gens, device=x0.device, dtype=x0.dtype)
         x_t = diffusion.q_sample(x0_chunk, t_chunk, noise)
         out[sl] = diffusion.vlb_term(model, x0_chunk, x_t, t_chunk, clip_denoised=clip_denoised).double()
     return out.reshape(B, K)
@@ -105,7 +109,7 @@ def nll(
     model: Model,
     x0: torch.Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     max_batch_size: int = 1024,
     clip_denoised: bool = False,
     progress: bool = False,
@@ -128,6 +132,10 @@ def nll(
         )
     prior = diffusion.prior_bpd(x0).double()
     return NLLResult(total_bpd=prior + terms.sum(dim=1), prior_bpd=prior, terms_bpd=terms)
+
+
+def _dev(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 def stratum_edges(num_timesteps: int, strata: int) -> torch.Tensor:
@@ -165,7 +173,7 @@ def nll_estimate(
     *,
     method: EstimateMethod = "importance",
     proposal: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     max_batch_size: int = 1024,
 ) -> NLLEstimate:
     """Unbiased estimate of ``nll(...).total_bpd`` from ``num_terms`` sampled timesteps per image.
@@ -184,14 +192,19 @@ def nll_estimate(
     check_data(x0)
     B, T = x0.shape[0], diffusion.num_timesteps
     device = x0.device
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+
+    def per_example(draw):  # one draw for the batch, or one per example from its own generator
+        if generator is None or isinstance(generator, torch.Generator):
+            return draw(B, generator)
+        return torch.cat([draw(1, g) for g in generator])
+
     if method == "stratified":
         if num_terms < 2 or num_terms % 2 or num_terms // 2 > T:
             raise ValueError(f"stratified estimation needs an even num_terms in [2, {2 * T}], got {num_terms}")
         strata = num_terms // 2
         edges = stratum_edges(T, strata)
         sizes = (edges[1:] - edges[:-1]).double()  # N_h
-        u = torch.rand(B, strata, 2, generator=generator, device=gen_device, dtype=torch.float64).cpu()
+        u = per_example(lambda n, g: torch.rand(n, strata, 2, generator=g, dtype=torch.float64, device=_dev(g)).cpu())
         t = edges[:-1, None] + (u * sizes[:, None]).long().clamp(max=(sizes - 1).long()[:, None])
         y = evaluate_terms(
             diffusion, model, x0, t.reshape(B, -1).to(device), generator=generator, max_batch_size=max_batch_size
@@ -206,7 +219,9 @@ def nll_estimate(
         if p.shape != (T,) or (p <= 0).any() or not torch.isfinite(p).all():
             raise ValueError(f"proposal must be a positive finite tensor of shape [{T}]")
         p = p / p.sum()
-        t = torch.multinomial(p.to(gen_device).expand(B, -1), num_terms, replacement=True, generator=generator).cpu()
+        t = per_example(
+            lambda n, g: torch.multinomial(p.to(_dev(g)).expand(n, -1), num_terms, replacement=True, generator=g).cpu()
+        )
         y = evaluate_terms(diffusion, model, x0, t.to(device), generator=generator, max_batch_size=max_batch_size)
         ratio = y / p.to(device)[t.to(device)]
         total_terms = ratio.mean(dim=1)
