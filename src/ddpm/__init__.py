@@ -3,12 +3,15 @@
 The mathematics lives in small modules named after what they hold: :mod:`ddpm.schedules`
 (betas and derived coefficients), :mod:`ddpm.distributions` (KL, discretised decoder),
 :mod:`ddpm.diffusion` (forward process, posterior, reverse process, losses),
-:mod:`ddpm.samplers` (ancestral, DDIM) and :mod:`ddpm.likelihood` (the bound in bits/dim).
+:mod:`ddpm.samplers` (ancestral, DDIM) and :mod:`ddpm.likelihood` (the bound in bits/dim). Networks are in
+:mod:`ddpm.nn`, data in :mod:`ddpm.data`, training in :mod:`ddpm.train`, metrics in
+:mod:`ddpm.eval`, pictures in :mod:`ddpm.viz` and the command line in :mod:`ddpm.cli`.
 """
 
 from ddpm.diffusion import GaussianDiffusion, PMeanVariance, TrainingLosses
 from ddpm.distributions import discretized_gaussian_log_likelihood, normal_kl
 from ddpm.likelihood import NLLEstimate, NLLResult, nll, nll_estimate
+from ddpm.nn import MLPConfig, MLPDenoiser, UNet, UNetConfig, load_pretrained, mlp_preset, unet_preset
 from ddpm.samplers import sample
 from ddpm.schedules import Schedule, make_betas, respace_betas, space_timesteps
 
@@ -16,17 +19,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GaussianDiffusion",
+    "MLPConfig",
+    "MLPDenoiser",
+    "UNet",
+    "UNetConfig",
     "NLLEstimate",
     "NLLResult",
     "PMeanVariance",
     "Schedule",
     "TrainingLosses",
     "discretized_gaussian_log_likelihood",
+    "load_pretrained",
     "make_betas",
+    "mlp_preset",
     "nll",
     "nll_estimate",
     "normal_kl",
     "respace_betas",
     "sample",
     "space_timesteps",
+    "unet_preset",
 ]
