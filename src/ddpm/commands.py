@@ -233,7 +233,10 @@ def demo_config(out_dir: str, steps: int, seed: int) -> Any:
     return apply_overrides(RunConfig(), {
         "data.dataset": "mnist5k", "data.hflip": False,
         "model.preset": "mnist-28",
-        "diffusion.schedule": "cosine", "diffusion.timesteps": 1000, "diffusion.prediction": "eps",
+        # v-prediction with min-SNR weighting: eps-prediction at this budget gave speckled blobs
+        # (Frechet distance 385-617 vs 8.5 at 1000 steps; README "The demo recipe")
+        "diffusion.schedule": "cosine", "diffusion.timesteps": 1000, "diffusion.prediction": "v",
+        "diffusion.loss_weighting": "min-snr",
         "optim.lr": 2e-3, "optim.warmup_steps": 100, "optim.grad_clip": 1.0, "optim.weight_decay": 0.0,
         "ema.decay": 0.999, "ema.warmup": "power", "ema.power": 0.75,
         "train.steps": steps, "train.batch_size": 64, "train.seed": seed, "train.device": "cpu",

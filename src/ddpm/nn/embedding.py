@@ -48,3 +48,14 @@ def timestep_embedding(
     if dim % 2:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
+
+
+def as_timesteps(t: Tensor | int, batch_size: int, device: torch.device) -> Tensor:
+    """``t`` as a tensor ``[B]`` on ``device`` (a scalar is broadcast); a clear error for other shapes."""
+    if not torch.is_tensor(t):
+        t = torch.tensor(t, device=device)
+    if t.ndim == 0:
+        t = t.expand(batch_size)
+    if t.shape != (batch_size,):
+        raise ValueError(f"t must have shape [B] = [{batch_size}], got {tuple(t.shape)}")
+    return t.to(device)

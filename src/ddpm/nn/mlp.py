@@ -11,11 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm.nn.embedding import timestep_embedding
+from ddpm.nn.embedding import as_timesteps, timestep_embedding
 
 __all__ = ["MLPConfig", "MLPDenoiser", "MLP_PRESETS", "mlp_preset"]
 
@@ -94,13 +93,8 @@ class MLPDenoiser(nn.Module):
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.config.dim:
             raise ValueError(f"MLPDenoiser expects x_t of shape [B, {self.config.dim}], got {tuple(x.shape)}")
-        if not torch.is_tensor(t):
-            t = torch.tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
-        emb = timestep_embedding(t.to(x.device), self.config.time_embed_dim).to(x.dtype)
+        t = as_timesteps(t, x.shape[0], x.device)
+        emb = timestep_embedding(t, self.config.time_embed_dim).to(x.dtype)
         emb_act = F.silu(self.time_embed(emb))
         h = self.proj_in(x)
         for block in self.blocks:

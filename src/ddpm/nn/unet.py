@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ddpm.nn.embedding import timestep_embedding
+from ddpm.nn.embedding import as_timesteps, timestep_embedding
 
 __all__ = ["UNetConfig", "UNet", "PRESETS", "unet_preset", "param_count"]
 
@@ -413,13 +413,7 @@ class UNet(nn.Module):
                 f"input size {h}x{w} is not divisible by {d} (= 2**{len(cfg.channel_mult) - 1}, "
                 f"one halving per level of channel_mult={cfg.channel_mult} but the last)"
             )
-        if not torch.is_tensor(t):
-            t = torch.tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
-        return t
+        return as_timesteps(t, x.shape[0], x.device)
 
     def _run(self, block: nn.Module, *args: Tensor) -> Tensor:
         if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
