@@ -262,7 +262,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ddpm import viz
     from ddpm.cli import run_training, save_samples
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     t_start = time.perf_counter()
     cfg = demo_config(str(out / "run"), args.steps, args.seed)
@@ -273,7 +272,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     files: dict[str, Path] = {}
 
     t0 = time.perf_counter()
-    x, trajectory = generate(loaded, args.num_samples, sampler="ddim", steps=args.sample_steps, eta=0.0,
+    x, trajectory = generate(loaded, args.num_samples, sampler=args.sampler, steps=args.sample_steps, eta=0.0,
                              seed=args.seed, batch_size=100, trajectory_for=36, trajectory_frames=args.sample_steps + 1)
     sample_seconds = time.perf_counter() - t0
     written = save_samples(x, out, ["npz"], is_image=True)
@@ -288,8 +287,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     forward = _forward_strip(loaded, out / "forward_chain.png")
     files["forward chain"] = forward
 
-    card = evaluate(loaded, num=args.num_samples, sampler="ddim", steps=args.sample_steps, eta=0.0, seed=args.seed,
-                    batch_size=100, nll_images=args.nll_images, nll_terms=40, samples=x)
+    card = evaluate(loaded, num=args.num_samples, sampler=args.sampler, steps=args.sample_steps, eta=0.0,
+                    seed=args.seed, batch_size=100, nll_images=args.nll_images, nll_terms=40, samples=x)
     card["train_seconds"] = round(train_seconds, 1)
     card["sample_seconds"] = round(sample_seconds, 1)
     card["total_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -351,7 +350,9 @@ def register(sub: Any, add_checkpoint_flags: Callable[..., None], add_sampler_fl
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--steps", type=positive_int, default=1500, help="training steps")
     p.add_argument("--num-samples", type=positive_int, default=500, help="samples drawn and measured")
-    p.add_argument("--sample-steps", type=positive_int, default=25, help="DDIM steps")
+    p.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral",
+                   help="sampler (ancestral measured better than DDIM at equal steps on this model)")
+    p.add_argument("--sample-steps", type=positive_int, default=50, help="sampling steps (respaced chain)")
     p.add_argument("--nll-images", type=int, default=100, help="held-out images for the bits/dim estimate")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
