@@ -87,7 +87,7 @@ def distance_report(loaded: LoadedModel, samples: torch.Tensor, ref: Reference, 
             out["mean_log_density_data"] = mean_log_density(ref.images, log_density)
         return out
     feats = extractor(samples)
-    kid_mean, kid_se = kid(feats, ref.features, num_subsets=100, seed=0)
+    kid_mean, kid_se = kid(feats, ref.features, num_subsets=10, seed=0)
     precision, recall = precision_recall(ref.features, feats, k=3)
     out = {"frechet_distance": frechet_distance_from_features(feats, ref.features), "kid": kid_mean,
            "kid_stderr": kid_se, "precision": precision, "recall": recall}
