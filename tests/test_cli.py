@@ -154,4 +154,6 @@ def test_eval_and_sweep_on_2d_data(tmp_path: Path) -> None:
     assert [(r["sampler"], r["steps"]) for r in rows] == expected
     assert main(["sample", str(out), "-n", "50", "--steps", "10", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 0
     assert (tmp_path / "s" / "scatter.png").is_file()
-    assert torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["samples"]).shape == (50, 2)
+    samples = torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["samples"])
+    assert samples.shape == (50, 2)
+    assert samples.abs().max() > 1.0  # vectors are not clipped to the image range [-1, 1]

@@ -140,11 +140,13 @@ def generate(
 
     Sample i draws x_T and every step's noise from its own generator seeded by (seed, i), so it is
     identical whatever the batch size or the number of processes. Returns the samples ``[num, ...]``
-    (float, on the CPU) and, if ``trajectory_for`` > 0, the reverse chain of the first ones.
+    (float, on the CPU) and, if ``trajectory_for`` > 0, the reverse chain of the first ones. The
+    predicted x_0 is clipped to [-1, 1] only for images.
     """
     from ddpm.train.distributed import all_gather_tensor, get_rank, get_world_size
 
     rank, world = get_rank(), get_world_size()
+    clip_denoised = clip_denoised and loaded.is_image  # [-1, 1] is the range of images, not of vectors
     per_rank = math.ceil(num / world)
     mine = list(range(rank * per_rank, min(num, (rank + 1) * per_rank)))
     gen_device = loaded.device if loaded.device.type == "cuda" else torch.device("cpu")
@@ -260,7 +262,8 @@ def make_sample_fn(out_dir: Path, diffusion: Any, data_shape: tuple[int, ...], r
         model.eval()
         gens = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, range(num))]
         with torch.inference_mode():
-            x = diffusion.sample(model, (num, *data_shape), sampler="ddim", steps=steps, generator=gens, device=device)
+            x = diffusion.sample(model, (num, *data_shape), sampler="ddim", steps=steps, generator=gens,
+                                 device=device, clip_denoised=len(data_shape) == 3)
         model.train(was_training)
         if len(data_shape) == 3:
             viz.save_grid(x, out_dir / "samples" / f"step-{step:08d}.png", nrow=8)
