@@ -173,12 +173,10 @@ def generate(
             x = result
         out.append(x.float().cpu())
     local = torch.cat(out) if out else torch.empty(0, *loaded.data_shape)
-    if world > 1:  # pad to equal size, gather, trim
+    if world > 1:  # rank r holds samples r*per_rank.. in order: pad, gather, and the first num are the samples
         padded = torch.zeros(per_rank, *loaded.data_shape)
         padded[: local.shape[0]] = local
-        gathered = all_gather_tensor(padded.to(loaded.device)).cpu()
-        local = torch.cat([gathered[r * per_rank : r * per_rank + max(0, min(num, (r + 1) * per_rank) - r * per_rank)]
-                           for r in range(world)])
+        local = all_gather_tensor(padded.to(loaded.device)).cpu()[:num]
     return local, trajectory
 
 
@@ -400,7 +398,7 @@ def bound_on_data(loaded: LoadedModel, data: torch.Tensor, *, estimate: int | No
     rank, world = get_rank(), get_world_size()
     n = data.shape[0]
     per_rank = math.ceil(n / world)
-    mine = range(rank * per_rank, min(n, (rank + 1) * per_rank))
+    mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
     T = diffusion.num_timesteps
     rows = torch.zeros(per_rank, 4 + T, dtype=torch.float64)  # total, prior, stderr, valid, terms...
     gen_device = loaded.device if loaded.device.type == "cuda" else torch.device("cpu")
@@ -411,7 +409,7 @@ def bound_on_data(loaded: LoadedModel, data: torch.Tensor, *, estimate: int | No
         batches = tqdm(batches, desc="bound")
     with torch.inference_mode():
         for start in batches:
-            idx = list(mine)[start : start + batch_size]
+            idx = mine[start : start + batch_size]
             x0 = data[idx].to(loaded.device)
             sl = slice(start, start + len(idx))
             # image i draws its noise (and timesteps) from its own seed: results do not depend on the

@@ -54,16 +54,18 @@ def ddim_step(
     sigma^2 = eta^2 (1 - abar_{t-1}) / (1 - abar_t) (1 - abar_t / abar_{t-1}).
     eps_hat is re-derived from the (possibly clipped) x0_hat so both agree.
     """
-    out = diffusion.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
+    t = diffusion.check_timesteps(t, x_t)
+    prediction, _ = diffusion.split_model_output(diffusion.model_output(model, x_t, t), x_t)
+    pred_x0 = diffusion.predict_x0(prediction, x_t, t, clip_denoised=clip_denoised)  # no posterior mean needed
     abar = diffusion._extract("alphas_cumprod", t, x_t)
     abar_prev = diffusion._extract("alphas_cumprod_prev", t, x_t)
     sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-    eps = diffusion.predict_eps_from_x0(x_t, t, out.pred_x0)
-    mean = abar_prev.sqrt() * out.pred_x0 + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0.0)) * eps
+    eps = diffusion.predict_eps_from_x0(x_t, t, pred_x0)
+    mean = abar_prev.sqrt() * pred_x0 + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0.0)) * eps
     if eta == 0:
-        return mean, out.pred_x0
+        return mean, pred_x0
     noise = randn(x_t.shape, generator, device=x_t.device, dtype=x_t.dtype)
-    return mean + sigma * noise, out.pred_x0
+    return mean + sigma * noise, pred_x0
 
 
 STEP_FUNCTIONS: dict[str, StepFn] = {"ancestral": ancestral_step, "ddim": ddim_step}
