@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from ddpm import GaussianDiffusion, make_betas, normal_kl
-from ddpm.distributions import discretized_gaussian_log_likelihood, mean_flat
-from ddpm.timesteps import LossAwareSampler
+from ddpm.distributions import discretized_gaussian_log_likelihood
+from ddpm.tensors import mean_flat
+from ddpm.train.timesteps import LossAwareSampler
 
 
 def test_stepwise_forward_chain_matches_closed_form() -> None:

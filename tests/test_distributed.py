@@ -53,7 +53,7 @@ def make_config(out_dir: Path, steps: int, **overrides: object) -> RunConfig:
 
 def train(config: RunConfig, resume: str | Path | None = None) -> Trainer:
     torch.manual_seed(0)
-    diffusion = ddpm.GaussianDiffusion(ddpm.make_betas("linear", T), timestep_sampling="loss-aware")
+    diffusion = ddpm.GaussianDiffusion(ddpm.make_betas("linear", T))
     trainer = Trainer(config, Net(), diffusion, Points())
     trainer.run(resume=resume)
     return trainer

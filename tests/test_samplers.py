@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ddpm import GaussianDiffusion, make_betas
-from ddpm.samplers import ancestral_step, ddim_step
+from ddpm import GaussianDiffusion, make_betas, sample
+from ddpm.samplers import SamplerState, ancestral_step, ddim_step, make_grid
 
 
 def point_mass_denoiser(d: GaussianDiffusion, point: torch.Tensor):
@@ -18,28 +18,30 @@ def point_mass_denoiser(d: GaussianDiffusion, point: torch.Tensor):
     return model
 
 
+def state(chain: GaussianDiffusion, model, seed: int, **options) -> SamplerState:
+    return SamplerState(chain, model, torch.Generator().manual_seed(seed), clip_denoised=False, options=options)
+
+
 def test_ddim_eta1_equals_ancestral_fixed_small_step_by_step() -> None:
     d = GaussianDiffusion(make_betas("linear", 100))
-    model = lambda x, t: 0.3 * x + 0.01 * t.float().reshape(-1, 1, 1, 1)  # noqa: E731
+    model = lambda x, t: 0.3 * x + 0.01 * t.double().reshape(-1, 1, 1, 1)  # noqa: E731
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     for step in (99, 50, 1, 0):
-        t = torch.full((4,), step)
-        a, _ = ancestral_step(d, model, x, t, generator=torch.Generator().manual_seed(step), clip_denoised=False)
-        b, _ = ddim_step(d, model, x, t, generator=torch.Generator().manual_seed(step), clip_denoised=False, eta=1.0)
+        a, _ = ancestral_step(state(d, model, step), x, step)
+        b, _ = ddim_step(state(d, model, step, eta=1.0), x, step)
         torch.testing.assert_close(a, b)
-    # also on a respaced chain, where the step is 20 original steps long
-    r = d.respaced(5)
-    t = torch.full((4,), 3)
-    a, _ = ancestral_step(r, model, x, t, generator=torch.Generator().manual_seed(1), clip_denoised=False)
-    b, _ = ddim_step(r, model, x, t, generator=torch.Generator().manual_seed(1), clip_denoised=False, eta=1.0)
-    torch.testing.assert_close(a, b)
+    # also on a respaced chain, where the step is 20 original steps long, and on fractional timesteps
+    for r in (d.respaced(5), d.respaced([0.0, 10.5, 33.25, 99.0])):
+        a, _ = ancestral_step(state(r, model, 1), x, 3)
+        b, _ = ddim_step(state(r, model, 1, eta=1.0), x, 3)
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddim", 20), ("ddim", None), ("ancestral", 20), ("ancestral", None)])
 def test_perfect_denoiser_of_one_point_lands_on_it(sampler: str, steps: int | None) -> None:
     d = GaussianDiffusion(make_betas("linear", 200))
     point = torch.tensor([0.5, -0.25, 0.9]).reshape(1, 3, 1, 1)
-    x = d.sample(point_mass_denoiser(d, point), (6, 3, 1, 1), sampler=sampler, steps=steps,
+    x = sample(d, point_mass_denoiser(d, point), (6, 3, 1, 1), sampler=sampler, steps=steps,
                  generator=torch.Generator().manual_seed(0), clip_denoised=False)
     torch.testing.assert_close(x, point.expand(6, 3, 1, 1), atol=1e-4, rtol=0)
 
@@ -48,35 +50,70 @@ def test_ddim_eta0_is_deterministic_given_x_T() -> None:
     d = GaussianDiffusion(make_betas("linear", 100))
     model = lambda x, t: 0.5 * x  # noqa: E731
     x_T = torch.randn(3, 1, 4, 4)
-    a = d.sample(model, x_T.shape, sampler="ddim", steps=10, noise=x_T, generator=torch.Generator().manual_seed(1))
-    b = d.sample(model, x_T.shape, sampler="ddim", steps=10, noise=x_T, generator=torch.Generator().manual_seed(2))
+    a = sample(d, model, x_T.shape, sampler="ddim", steps=10, noise=x_T, generator=torch.Generator().manual_seed(1))
+    b = sample(d, model, x_T.shape, sampler="ddim", steps=10, noise=x_T, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
 
 
 def test_seeded_generators_reproduce_and_per_example_seeds_ignore_the_batch() -> None:
     d = GaussianDiffusion(make_betas("linear", 50))
     model = lambda x, t: 0.1 * x  # noqa: E731
-    runs = [d.sample(model, (4, 1, 2, 2), generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [sample(d, model, (4, 1, 2, 2), generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    whole = d.sample(model, (4, 1, 2, 2), generator=gens([10, 11, 12, 13]))
-    part = d.sample(model, (2, 1, 2, 2), generator=gens([12, 13]))
+    whole = sample(d, model, (4, 1, 2, 2), generator=gens([10, 11, 12, 13]))
+    part = sample(d, model, (2, 1, 2, 2), generator=gens([12, 13]))
     torch.testing.assert_close(whole[2:], part)
 
 
 def test_trajectory_frames() -> None:
     d = GaussianDiffusion(make_betas("linear", 100))
-    x, traj = d.sample(lambda x, t: 0.1 * x, (2, 1, 2, 2), steps=10, return_trajectory=True)
+    x, traj = sample(d, lambda x, t: 0.1 * x, (2, 1, 2, 2), steps=10, return_trajectory=True)
     assert traj.shape == (11, 2, 1, 2, 2) and torch.equal(traj[-1], x)
-    x, traj = d.sample(lambda x, t: 0.1 * x, (2, 1, 2, 2), return_trajectory=True, trajectory_frames=5)
+    x, traj = sample(d, lambda x, t: 0.1 * x, (2, 1, 2, 2), return_trajectory=True, trajectory_frames=5)
     assert traj.shape == (5, 2, 1, 2, 2) and torch.equal(traj[-1], x)
 
 
 def test_clip_keeps_x0_in_range_and_errors() -> None:
     d = GaussianDiffusion(make_betas("linear", 50))
-    x = d.sample(lambda x, t: -10 * torch.ones_like(x), (2, 1, 2, 2), sampler="ddim", steps=5)
+    x = sample(d, lambda x, t: -10 * torch.ones_like(x), (2, 1, 2, 2), sampler="ddim", steps=5)
     assert x.abs().max() <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        d.sample(lambda x, t: x, (1, 1), sampler="euler")
+        sample(d, lambda x, t: x, (1, 1), sampler="euler")
     with pytest.raises(ValueError, match="eta must be >= 0"):
-        d.sample(lambda x, t: x, (1, 1), sampler="ddim", eta=-1)
+        sample(d, lambda x, t: x, (1, 1), sampler="ddim", eta=-1)
+    with pytest.raises(ValueError, match=r"sampler 'ancestral' has no option\(s\) \['eta'\]"):
+        sample(d, lambda x, t: x, (1, 1), sampler="ancestral", eta=0.5)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "uniform", "leading", "trailing", "log-snr", "karras"])
+def test_grids_have_k_distinct_points_in_range(spacing: str) -> None:
+    d = GaussianDiffusion(make_betas("cosine", 1000))
+    for k in (1, 2, 7, 50, 999):
+        grid = make_grid(d.schedule, k, spacing)
+        assert grid.shape == (k,) and grid.dtype == torch.float64
+        assert grid.min() >= 0 and grid.max() <= 999 and bool((grid.diff() > 0).all())
+    assert make_grid(d.schedule, 10, "trailing")[-1] == 999 and make_grid(d.schedule, 10, "leading")[0] == 0
+
+
+def test_log_snr_and_karras_grids_are_uniform_in_their_variable() -> None:
+    sched = GaussianDiffusion(make_betas("linear", 1000)).schedule
+    lam = sched.log_snr_at(make_grid(sched, 12, "log-snr"))
+    torch.testing.assert_close(lam.diff(), torch.full((11,), float(lam.diff().mean()), dtype=torch.float64))
+    torch.testing.assert_close(lam[[0, -1]], sched.log_snr()[[0, -1]])
+    sigma = torch.exp(-0.5 * sched.log_snr_at(make_grid(sched, 12, "karras")))
+    root = sigma ** (1 / 7)
+    torch.testing.assert_close(root.diff(), torch.full((11,), float(root.diff().mean()), dtype=torch.float64))
+
+
+def test_fractional_respacing_interpolates_log_snr_and_is_exact_at_integers() -> None:
+    d = GaussianDiffusion(make_betas("linear", 100))
+    r = d.respaced([0.0, 10.0, 20.5, 99.0])
+    abar = r.schedule.alphas_cumprod
+    torch.testing.assert_close(abar[[0, 1, 3]], d.schedule.alphas_cumprod[[0, 10, 99]])
+    lam = torch.log(abar / (1 - abar))
+    full = d.schedule.log_snr()
+    torch.testing.assert_close(lam[2], (full[20] + full[21]) / 2)
+    torch.testing.assert_close(r.timestep_map, torch.tensor([0.0, 10.0, 20.5, 99.0], dtype=torch.float64))
+    torch.testing.assert_close(d.schedule.timestep_at_log_snr(lam), torch.tensor([0.0, 10.0, 20.5, 99.0],
+                                                                                 dtype=torch.float64))

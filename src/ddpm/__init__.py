@@ -3,16 +3,18 @@
 The mathematics lives in small modules named after what they hold: :mod:`ddpm.schedules`
 (betas and derived coefficients), :mod:`ddpm.distributions` (KL, discretised decoder),
 :mod:`ddpm.diffusion` (forward process, posterior, reverse process, losses),
-:mod:`ddpm.samplers` (ancestral, DDIM) and :mod:`ddpm.likelihood` (the bound in bits/dim). Networks are in
+:mod:`ddpm.samplers` (a registry of samplers and time grids) and :mod:`ddpm.likelihood` (the bound
+in bits/dim); shared tensor helpers are in :mod:`ddpm.tensors` and every closed set of choices in
+:mod:`ddpm.choices`. Networks are in
 :mod:`ddpm.nn`, data in :mod:`ddpm.data`, training in :mod:`ddpm.train`, metrics in
 :mod:`ddpm.eval`, pictures in :mod:`ddpm.viz` and the command line in :mod:`ddpm.cli`.
 """
 
-from ddpm.diffusion import GaussianDiffusion, PMeanVariance, TrainingLosses
+from ddpm.diffusion import GaussianDiffusion, PMeanVariance, TrainingLosses, eps_from_x0, x0_from_prediction
 from ddpm.distributions import discretized_gaussian_log_likelihood, normal_kl
 from ddpm.likelihood import NLLEstimate, NLLResult, nll, nll_estimate
 from ddpm.nn import MLPConfig, MLPDenoiser, UNet, UNetConfig, load_pretrained, mlp_preset, unet_preset
-from ddpm.samplers import sample
+from ddpm.samplers import SAMPLERS, sample
 from ddpm.schedules import Schedule, make_betas, respace_betas, space_timesteps
 
 __version__ = "0.1.0"
@@ -26,9 +28,11 @@ __all__ = [
     "NLLEstimate",
     "NLLResult",
     "PMeanVariance",
+    "SAMPLERS",
     "Schedule",
     "TrainingLosses",
     "discretized_gaussian_log_likelihood",
+    "eps_from_x0",
     "load_pretrained",
     "make_betas",
     "mlp_preset",
@@ -39,4 +43,5 @@ __all__ = [
     "sample",
     "space_timesteps",
     "unet_preset",
+    "x0_from_prediction",
 ]

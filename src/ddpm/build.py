@@ -44,7 +44,6 @@ def build_diffusion(cfg: DiffusionConfig) -> GaussianDiffusion:
         prediction=cfg.prediction,
         variance=cfg.variance,
         loss=cfg.loss,
-        timestep_sampling=cfg.timestep_sampling,
         loss_weighting=cfg.loss_weighting,
         min_snr_gamma=cfg.min_snr_gamma,
     )

@@ -161,8 +161,11 @@ def generate(
         idx = mine[start : start + batch_size]
         gens = [torch.Generator(device=gen_device).manual_seed(s) for s in sample_seeds(seed, idx)]
         want_traj = trajectory is None and start == 0 and rank == 0 and trajectory_for > 0
-        result = loaded.diffusion.sample(
-            loaded.model, (len(idx), *loaded.data_shape), sampler=sampler, steps=steps, eta=eta,
+        from ddpm.samplers import sample
+
+        result = sample(
+            loaded.diffusion, loaded.model, (len(idx), *loaded.data_shape), sampler=sampler, steps=steps,
+            **({"eta": eta} if sampler == "ddim" else {}),
             clip_denoised=clip_denoised, generator=gens, device=loaded.device,
             return_trajectory=want_traj, trajectory_frames=trajectory_frames,
         )
@@ -253,6 +256,7 @@ def make_sample_fn(out_dir: Path, diffusion: Any, data_shape: tuple[int, ...], r
                    *, num: int = 64, steps: int = 50, seed: int = 0) -> Callable[[torch.nn.Module, int], None]:
     """A callback for the trainer: a grid (or scatter for 2-D data) of samples from the EMA model."""
     from ddpm import viz
+    from ddpm.samplers import sample
 
     def sample_fn(model: torch.nn.Module, step: int) -> None:
         device = next(model.parameters()).device
@@ -260,7 +264,7 @@ def make_sample_fn(out_dir: Path, diffusion: Any, data_shape: tuple[int, ...], r
         model.eval()
         gens = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, range(num))]
         with torch.inference_mode():
-            x = diffusion.sample(model, (num, *data_shape), sampler="ddim", steps=steps, generator=gens,
+            x = sample(diffusion, model, (num, *data_shape), sampler="ddim", steps=steps, generator=gens,
                                  device=device, clip_denoised=len(data_shape) == 3)
         model.train(was_training)
         if len(data_shape) == 3:

@@ -1,56 +1,59 @@
 """The Gaussian diffusion of Ho et al. 2020: forward process, posterior, reverse process, losses.
 
-A thin facade over :mod:`ddpm.schedules` (coefficients), :mod:`ddpm.distributions` (KL and the
-decoder), :mod:`ddpm.timesteps` (which t to train on), :mod:`ddpm.samplers` and
-:mod:`ddpm.likelihood`. Index convention: ``t`` in 0..T-1 stands for the paper's step t+1.
+A thin facade over :mod:`ddpm.schedules` (coefficients) and :mod:`ddpm.distributions` (KL and the
+decoder). Samplers (:mod:`ddpm.samplers`) and the bound (:mod:`ddpm.likelihood`) are functions of a
+diffusion and a model; which timesteps to train on is the trainer's business
+(:mod:`ddpm.train.timesteps`). Index convention: ``t`` in 0..T-1 stands for the paper's step t+1.
 Images live in [-1, 1]. Bits per dimension are nats per dimension divided by log 2.
+
+Conditioning: every method that calls the network takes ``y`` (class labels ``[B]`` or None) and
+passes it on as ``model(x_t, t, y=y)``; an unconditional call is ``model(x_t, t)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
-from ddpm.distributions import LOG2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from ddpm.choices import (
+    LOSS_TYPES,
+    LOSS_WEIGHTINGS,
+    PREDICTIONS,
+    VARIANCES,
+    LossType,
+    LossWeighting,
+    Prediction,
+    Variance,
+    check_choice,
+)
+from ddpm.distributions import LOG2, discretized_gaussian_log_likelihood, normal_kl
 from ddpm.schedules import Schedule, make_betas, respace_betas, space_timesteps
-from ddpm.timesteps import TimestepSampling, make_timestep_sampler
-
-if TYPE_CHECKING:
-    from ddpm.likelihood import NLLResult
-
-Prediction = Literal["eps", "x0", "v"]
-Variance = Literal["fixed_small", "fixed_large", "learned_range"]
-LossType = Literal["simple", "vlb", "hybrid"]
-LossWeighting = Literal["none", "min-snr"]
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Generator = torch.Generator | Sequence[torch.Generator] | None
+from ddpm.tensors import Generator, Model, mean_flat, per_example, randn
 
 HYBRID_VLB_WEIGHT = 0.001  # lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal sec. 3.1)
 
 
-def _check_choice(name: str, value: str, literal: object) -> None:
-    valid = get_args(literal)
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(repr(v) for v in valid)}")
+def x0_from_prediction(
+    prediction: Prediction, output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """The x_0 implied by a network output, where x_t = alpha x_0 + sigma eps.
 
-
-def randn(shape: Sequence[int], generator: Generator, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise of ``shape``.
-
-    ``generator`` may be one generator for the batch or one per example (a sequence of length
-    shape[0]); with one per example, example i's noise does not depend on the batch it is in.
+    alpha = sqrt(abar_t) and sigma = sqrt(1 - abar_t) broadcast against x_t.
+    eps: x_0 = (x_t - sigma eps) / alpha (Eq. 4 solved for x_0, Eq. 11 of the paper's mean);
+    x0: the output itself; v = alpha eps - sigma x_0 (Salimans & Ho 2022): x_0 = alpha x_t - sigma v.
     """
-    if generator is None or isinstance(generator, torch.Generator):
-        gen_device = generator.device if generator is not None else device
-        return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack(
-        [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-    ).to(device)
+    if prediction == "eps":
+        return (x_t - sigma * output) / alpha
+    if prediction == "x0":
+        return output
+    return alpha * x_t - sigma * output
+
+
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """eps = (x_t - alpha x_0) / sigma, the noise that x_0 and x_t imply."""
+    return (x_t - alpha * x0) / sigma
 
 
 @dataclass
@@ -90,9 +93,10 @@ class GaussianDiffusion:
         loss: ``"simple"`` (L_simple, Eq. 14), ``"vlb"`` (L_vlb, the bound, rescaled by T so one
             sampled term estimates the whole sum) or ``"hybrid"`` (L_simple + 0.001 L_vlb with the
             mean's gradient stopped in the vlb part).
-        timestep_sampling: ``"uniform"`` or ``"loss-aware"`` importance sampling.
         loss_weighting: ``"none"`` or ``"min-snr"`` (Hang et al. 2023) on the MSE part.
         min_snr_gamma: the gamma of min-SNR weighting.
+        timestep_map: the network's own timestep for each index of this chain (identity unless
+            respaced, see :meth:`respaced`; fractional values are allowed).
     """
 
     def __init__(
@@ -102,16 +106,15 @@ class GaussianDiffusion:
         prediction: Prediction = "eps",
         variance: Variance = "fixed_small",
         loss: LossType = "simple",
-        timestep_sampling: TimestepSampling = "uniform",
         loss_weighting: LossWeighting = "none",
         min_snr_gamma: float = 5.0,
         num_timesteps: int | None = None,
         timestep_map: torch.Tensor | None = None,
     ) -> None:
-        _check_choice("prediction", prediction, Prediction)
-        _check_choice("variance", variance, Variance)
-        _check_choice("loss", loss, LossType)
-        _check_choice("loss_weighting", loss_weighting, LossWeighting)
+        check_choice("prediction", prediction, PREDICTIONS)
+        check_choice("variance", variance, VARIANCES)
+        check_choice("loss", loss, LOSS_TYPES)
+        check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
         if variance == "learned_range" and loss == "simple":
             raise ValueError(
                 "variance='learned_range' with loss='simple' would never train the variance; "
@@ -125,10 +128,12 @@ class GaussianDiffusion:
         self.loss_type: LossType = loss
         self.loss_weighting: LossWeighting = loss_weighting
         self.min_snr_gamma = float(min_snr_gamma)
-        self.timestep_sampling: TimestepSampling = timestep_sampling
-        self.timestep_sampler = make_timestep_sampler(timestep_sampling, self.num_timesteps)
-        # Which index of the network's own chain each of our steps is (identity unless respaced).
-        self.timestep_map = torch.arange(self.num_timesteps) if timestep_map is None else timestep_map.long()
+        # Which timestep of the network's own chain each of our indices is (identity unless respaced).
+        if timestep_map is None:
+            timestep_map = torch.arange(self.num_timesteps)
+        elif timestep_map.shape != (self.num_timesteps,):
+            raise ValueError(f"timestep_map has shape {tuple(timestep_map.shape)}, expected ({self.num_timesteps},)")
+        self.timestep_map = timestep_map if timestep_map.dtype.is_floating_point else timestep_map.long()
         # fixed_large is beta_t, except at index 0 where beta-tilde_1 is used as for fixed_small: beta_1 is
         # tiny and would make the decoder needlessly sharp (Ho et al. report both choices sample alike).
         fixed_large = torch.cat([self.schedule.posterior_log_variance_clipped[:1], self.schedule.log_betas[1:]])
@@ -148,7 +153,7 @@ class GaussianDiffusion:
     def __repr__(self) -> str:
         return (
             f"GaussianDiffusion(T={self.num_timesteps}, prediction={self.prediction!r}, "
-            f"variance={self.variance!r}, loss={self.loss_type!r}, timestep_sampling={self.timestep_sampling!r})"
+            f"variance={self.variance!r}, loss={self.loss_type!r}, loss_weighting={self.loss_weighting!r})"
         )
 
     def _table(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -158,10 +163,16 @@ class GaussianDiffusion:
             self._tables[key] = source.to(device=device, dtype=dtype)
         return self._tables[key]
 
-    def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Gather coefficient ``name`` at ``t`` ``[B]``, shaped ``[B, 1, ...]`` to broadcast with x."""
-        values = self._table(name, x.device, x.dtype)[t]
-        return values.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+    def coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Coefficient ``name`` at indices ``t`` ``[B]``, shaped ``[B, 1, ...]`` in ``like``'s dtype and device.
+
+        ``name`` is a field of :class:`~ddpm.schedules.Schedule` (``"alphas_cumprod"``,
+        ``"alphas_cumprod_prev"``, ``"posterior_variance"``, ...) or ``"fixed_large_log_variance"``.
+        """
+        if name not in self._reverse_tables and name not in Schedule.__dataclass_fields__:
+            valid = sorted([*Schedule.__dataclass_fields__, *self._reverse_tables])
+            raise ValueError(f"unknown coefficient {name!r}; valid: {', '.join(valid)}")
+        return per_example(self._table(name, like.device, like.dtype)[t], like)
 
     def check_timesteps(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Validate t (integer ``[B]``, 0 <= t < T, B = x.shape[0]) and move it to x's device."""
@@ -184,8 +195,8 @@ class GaussianDiffusion:
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Eq. 4): mean, variance, log-variance."""
         t = self.check_timesteps(t, x0)
-        mean = self._extract("sqrt_alphas_cumprod", t, x0) * x0
-        variance = 1.0 - self._extract("alphas_cumprod", t, x0)
+        mean = self.coef("sqrt_alphas_cumprod", t, x0) * x0
+        variance = 1.0 - self.coef("alphas_cumprod", t, x0)
         return mean, variance.expand_as(x0), torch.log(variance).expand_as(x0)
 
     def q_sample(
@@ -197,7 +208,7 @@ class GaussianDiffusion:
             noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         elif noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
-        return self._extract("sqrt_alphas_cumprod", t, x0) * x0 + self._extract(
+        return self.coef("sqrt_alphas_cumprod", t, x0) * x0 + self.coef(
             "sqrt_one_minus_alphas_cumprod", t, x0
         ) * noise
 
@@ -211,39 +222,39 @@ class GaussianDiffusion:
         if x0.shape != x_t.shape:
             raise ValueError(f"x0 shape {tuple(x0.shape)} differs from x_t shape {tuple(x_t.shape)}")
         t = self.check_timesteps(t, x_t)
-        mean = self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract("posterior_mean_coef2", t, x_t) * x_t
-        variance = self._extract("posterior_variance", t, x_t).expand_as(x_t)
-        log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        mean = self.coef("posterior_mean_coef1", t, x_t) * x0 + self.coef("posterior_mean_coef2", t, x_t) * x_t
+        variance = self.coef("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self.coef("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------ parameterisations
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Eq. 4 solved for x_0)."""
-        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract(
+        return self.coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self.coef(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         ) * eps
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
-        return (x_t - self._extract("sqrt_alphas_cumprod", t, x_t) * x0) / self._extract(
+        return (x_t - self.coef("sqrt_alphas_cumprod", t, x_t) * x0) / self.coef(
             "sqrt_one_minus_alphas_cumprod", t, x_t
         )
 
     def predict_v(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
-        return self._extract("sqrt_alphas_cumprod", t, x0) * eps - self._extract(
+        return self.coef("sqrt_alphas_cumprod", t, x0) * eps - self.coef(
             "sqrt_one_minus_alphas_cumprod", t, x0
         ) * x0
 
     def predict_x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
-        return self._extract("sqrt_alphas_cumprod", t, x_t) * x_t - self._extract(
+        return self.coef("sqrt_alphas_cumprod", t, x_t) * x_t - self.coef(
             "sqrt_one_minus_alphas_cumprod", t, x_t
         ) * v
 
     def predict_eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
-        return self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t + self._extract(
+        return self.coef("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t + self.coef(
             "sqrt_alphas_cumprod", t, x_t
         ) * v
 
@@ -272,19 +283,22 @@ class GaussianDiffusion:
         return output, None
 
     # ------------------------------------------------------------------ reverse process
-    def model_output(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Call ``model(x_t, t)`` with t mapped to the network's own timestep indices."""
-        return model(x_t, self.timestep_map.to(t.device)[t])
+    def model_output(
+        self, model: Model, x_t: torch.Tensor, t: torch.Tensor, *, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Call ``model(x_t, t)`` (``model(x_t, t, y=y)`` when conditioned) with t mapped to the network's timesteps."""
+        t_net = self.timestep_map.to(t.device)[t]
+        return model(x_t, t_net) if y is None else model(x_t, t_net, y=y)
 
     def reverse_log_variance(self, t: torch.Tensor, x_t: torch.Tensor, var_v: torch.Tensor | None) -> torch.Tensor:
         """log Sigma_theta(x_t, t): ``[B, 1, ...]`` for fixed variances, ``[B, ...]`` when learned."""
         if self.variance == "fixed_small":
-            return self._extract("posterior_log_variance_clipped", t, x_t)
+            return self.coef("posterior_log_variance_clipped", t, x_t)
         if self.variance == "fixed_large":
-            return self._extract("fixed_large_log_variance", t, x_t)
+            return self.coef("fixed_large_log_variance", t, x_t)
         # Nichol & Dhariwal Eq. 15: Sigma = exp(v log beta_t + (1 - v) log beta-tilde_t), v in [0, 1].
         frac = (var_v + 1.0) / 2.0
-        return frac * self._extract("log_betas", t, x_t) + (1.0 - frac) * self._extract(
+        return frac * self.coef("log_betas", t, x_t) + (1.0 - frac) * self.coef(
             "posterior_log_variance_clipped", t, x_t
         )
 
@@ -292,12 +306,9 @@ class GaussianDiffusion:
         self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *, clip_denoised: bool = False
     ) -> torch.Tensor:
         """The x_0 implied by the network's prediction (Eq. 11 for eps), optionally clamped to [-1, 1]."""
-        if self.prediction == "eps":
-            pred_x0 = self.predict_x0_from_eps(x_t, t, prediction)
-        elif self.prediction == "x0":
-            pred_x0 = prediction
-        else:
-            pred_x0 = self.predict_x0_from_v(x_t, t, prediction)
+        alpha = self.coef("sqrt_alphas_cumprod", t, x_t)
+        sigma = self.coef("sqrt_one_minus_alphas_cumprod", t, x_t)
+        pred_x0 = x0_from_prediction(self.prediction, prediction, x_t, alpha, sigma)
         return pred_x0.clamp(-1.0, 1.0) if clip_denoised else pred_x0
 
     def p_mean_variance(
@@ -308,6 +319,7 @@ class GaussianDiffusion:
         *,
         clip_denoised: bool = False,
         model_output: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> PMeanVariance:
         """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), Sigma_theta(x_t, t)).
 
@@ -316,7 +328,7 @@ class GaussianDiffusion:
         evaluated without it).
         """
         t = self.check_timesteps(t, x_t)
-        raw = self.model_output(model, x_t, t) if model_output is None else model_output
+        raw = self.model_output(model, x_t, t, y=y) if model_output is None else model_output
         prediction, var_v = self.split_model_output(raw, x_t)
         log_variance = self.reverse_log_variance(t, x_t, var_v).expand_as(x_t)
         pred_x0 = self.predict_x0(prediction, x_t, t, clip_denoised=clip_denoised)
@@ -333,18 +345,19 @@ class GaussianDiffusion:
         *,
         clip_denoised: bool = False,
         model_output: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One term of the bound, bits/dim ``[B]``: L_0 = -log p(x_0 | x_1) at index 0 (Eq. 13),
         L_{t} = KL(q(x_{t} | x_{t+1}, x_0) || p_theta(x_{t} | x_{t+1})) elsewhere (Eq. 5)."""
         t = self.check_timesteps(t, x_t)
-        raw = self.model_output(model, x_t, t) if model_output is None else model_output
+        raw = self.model_output(model, x_t, t, y=y) if model_output is None else model_output
         prediction, var_v = self.split_model_output(raw, x_t)
         pred_x0 = self.predict_x0(prediction, x_t, t, clip_denoised=clip_denoised)
-        log_var_q = self._extract("posterior_log_variance_clipped", t, x_t)
+        log_var_q = self.coef("posterior_log_variance_clipped", t, x_t)
         log_var_p = self.reverse_log_variance(t, x_t, var_v)
         # Both means are mu-tilde_t(., x_t) (Eq. 7) and share the x_t part, so their difference is
         # coef1 (x_0 - pred_x0): the KL needs no posterior means, only the x_0 error.
-        mean_diff = self._extract("posterior_mean_coef1", t, x_t) * (x0 - pred_x0)
+        mean_diff = self.coef("posterior_mean_coef1", t, x_t) * (x0 - pred_x0)
         if var_v is None:  # per-example scalar variances: reduce before the elementwise work
             scalar = 0.5 * (-1.0 + log_var_p - log_var_q + torch.exp(log_var_q - log_var_p))
             kl = scalar.reshape(-1) + 0.5 * torch.exp(-log_var_p).reshape(-1) * mean_flat(mean_diff**2)
@@ -365,41 +378,6 @@ class GaussianDiffusion:
         mean, _, log_variance = self.q_mean_variance(x0, t)
         return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / LOG2
 
-    def nll(
-        self,
-        model: Model,
-        x0: torch.Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        max_batch_size: int = 1024,
-        clip_denoised: bool = False,
-        progress: bool = False,
-    ) -> NLLResult:
-        """The full bound -log p(x_0) <= L_T + sum_t L_t in bits/dim; see :func:`ddpm.likelihood.nll`."""
-        from ddpm.likelihood import nll
-
-        return nll(
-            self, model, x0, generator=generator, max_batch_size=max_batch_size,
-            clip_denoised=clip_denoised, progress=progress,
-        )
-
-    # ------------------------------------------------------------------ training
-    def sample_timesteps(
-        self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw training timesteps ``[B]`` and their importance weights ``[B]``."""
-        return self.timestep_sampler.sample(batch_size, device, generator)
-
-    def observe_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        """Feed per-example vlb terms to a loss-aware timestep sampler (no-op when uniform)."""
-        self.timestep_sampler.observe(t, losses)
-
-    def timestep_sampler_state(self) -> dict[str, torch.Tensor]:
-        return self.timestep_sampler.state_dict()
-
-    def load_timestep_sampler_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.timestep_sampler.load_state_dict(state)
-
     def mse_weights(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per-example weights ``[B]`` of the MSE term; min-SNR-gamma expressed for each prediction."""
         if self.loss_weighting == "none":
@@ -419,23 +397,24 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
+        y: torch.Tensor | None = None,
     ) -> TrainingLosses:
         """Per-example training loss ``[B]`` and its parts for one (x_0, t, eps) draw.
 
         L_simple = ||eps - eps_theta(x_t, t)||^2 averaged over dimensions (Eq. 14), or the same
-        for the x_0 / v target. ``t`` and ``noise`` are drawn from ``generator`` when not given.
+        for the x_0 / v target. ``t`` (uniform) and ``noise`` are drawn from ``generator`` when
+        not given; importance weights of another timestep distribution are applied by the caller.
         """
         if not torch.isfinite(x0).all():
             raise ValueError("x0 contains non-finite values")
         if t is None:
-            t, weights = self.sample_timesteps(x0.shape[0], x0.device, generator)
-        else:
-            t = self.check_timesteps(t, x0)
-            weights = torch.ones(x0.shape[0], device=x0.device)
+            gen_device = generator.device if generator is not None else x0.device
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=gen_device)
+        t = self.check_timesteps(t, x0)
         if noise is None:
             noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
-        raw = self.model_output(model, x_t, t)
+        raw = self.model_output(model, x_t, t, y=y)
         prediction, var_v = self.split_model_output(raw, x_t)
         target = self.prediction_target(x0, t, noise)
         mse = mean_flat((target - prediction) ** 2)
@@ -447,55 +426,53 @@ class GaussianDiffusion:
             frozen_output = frozen if var_v is None else torch.cat([frozen, var_v], dim=1)
             vlb = self.vlb_term(model, x0, x_t, t, model_output=frozen_output)
 
-        weights = weights.to(x0.dtype)
         if self.loss_type == "simple":
             loss = self.mse_weights(t, x0) * mse
         elif self.loss_type == "vlb":
             loss = vlb * self.num_timesteps  # one uniformly drawn term times T estimates the whole sum
         else:
             loss = self.mse_weights(t, x0) * mse + HYBRID_VLB_WEIGHT * self.num_timesteps * vlb
-        return TrainingLosses(loss=loss * weights, mse=mse.detach(), vlb=None if vlb is None else vlb.detach(), t=t)
+        return TrainingLosses(loss=loss, mse=mse.detach(), vlb=None if vlb is None else vlb.detach(), t=t)
 
-    # ------------------------------------------------------------------ respacing and sampling
-    def respaced(self, steps: int | Sequence[int]) -> GaussianDiffusion:
-        """The DDPM that visits only ``steps`` of this chain (betas recomputed from abar).
+    # ------------------------------------------------------------------ respacing
+    def respaced(self, steps: int | Sequence[float] | torch.Tensor) -> GaussianDiffusion:
+        """The DDPM that visits only some timesteps of this chain (betas recomputed from abar).
 
-        The returned diffusion maps its indices to this chain's, so the same network serves both.
+        ``steps`` is a number K (K timesteps evenly spread over 0..T-1, see
+        :func:`~ddpm.schedules.space_timesteps`) or the timesteps themselves, in this chain's index
+        space; fractional timesteps take abar from the log-SNR interpolation of
+        :meth:`~ddpm.schedules.Schedule.alphas_cumprod_at`. The returned diffusion maps its indices
+        to the network's timesteps, so the same network serves both; its index 0 steps to clean data.
         """
-        kept = space_timesteps(self.num_timesteps, steps)
-        if kept.numel() == self.num_timesteps:
+        if isinstance(steps, int):
+            kept: torch.Tensor = space_timesteps(self.num_timesteps, steps)
+        else:
+            kept = torch.as_tensor(steps, dtype=torch.float64).flatten().unique()  # sorted
+            if kept.numel() == 0 or kept[0] < 0 or kept[-1] > self.num_timesteps - 1:
+                raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps - 1}], got {kept.tolist()}")
+            if bool((kept == kept.round()).all()):
+                kept = kept.long()
+        if kept.numel() == self.num_timesteps and not kept.dtype.is_floating_point:
             return self
+        abar = self.schedule.alphas_cumprod_at(kept)
+        if kept.dtype.is_floating_point:
+            network_t = interpolate(self.timestep_map.double(), kept)
+        else:
+            network_t = self.timestep_map[kept]
         return GaussianDiffusion(
-            respace_betas(self.schedule.alphas_cumprod, kept),
+            respace_betas(abar),
             prediction=self.prediction,
             variance=self.variance,
             loss=self.loss_type,
             loss_weighting=self.loss_weighting,
             min_snr_gamma=self.min_snr_gamma,
-            timestep_map=self.timestep_map[kept],
+            timestep_map=network_t,
         )
 
-    def sample(
-        self,
-        model: Model,
-        shape: Sequence[int],
-        *,
-        sampler: str = "ancestral",
-        steps: int | Sequence[int] | None = None,
-        eta: float = 0.0,
-        clip_denoised: bool = True,
-        generator: Generator = None,
-        progress: bool = False,
-        return_trajectory: bool = False,
-        trajectory_frames: int | None = None,
-        noise: torch.Tensor | None = None,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Generate samples ``[B, ...]`` from x_T ~ N(0, I); see :func:`ddpm.samplers.sample`."""
-        from ddpm.samplers import sample
 
-        return sample(
-            self, model, shape, sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised,
-            generator=generator, progress=progress, return_trajectory=return_trajectory,
-            trajectory_frames=trajectory_frames, noise=noise, device=device,
-        )
+def interpolate(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of ``table`` ``[T]`` at fractional indices ``t`` in [0, T-1]."""
+    if table.numel() == 1:
+        return table.expand_as(t).clone()
+    lo = t.floor().long().clamp(max=table.numel() - 2)
+    return table[lo] + (t - lo) * (table[lo + 1] - table[lo])

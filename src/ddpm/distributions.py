@@ -13,11 +13,6 @@ import torch
 LOG2 = math.log(2.0)
 
 
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the first: ``[B, ...] -> [B]``."""
-    return x.reshape(x.shape[0], -1).mean(dim=1)
-
-
 def normal_kl(
     mean1: torch.Tensor | float,
     logvar1: torch.Tensor | float,

@@ -19,8 +19,8 @@ from typing import Literal
 
 import torch
 
-from ddpm.diffusion import GaussianDiffusion, Generator, Model, randn
-from ddpm.timesteps import LossAwareSampler
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.tensors import Generator, Model, randn
 
 EstimateMethod = Literal["stratified", "importance"]
 
@@ -81,12 +81,14 @@ def evaluate_terms(
     generator: Generator = None,
     max_batch_size: int = 1024,
     clip_denoised: bool = False,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_t in bits/dim for each example i and each of its timesteps ``t[i, k]``: ``[B, K]``.
 
     The B*K (example, timestep) pairs are evaluated ``max_batch_size`` at a time, one fresh x_t
     per pair. With one generator per example, example i's noise is drawn from its own generator in
-    the order of its timesteps, so its terms do not depend on the batch or the chunking.
+    the order of its timesteps, so its terms do not depend on the batch or the chunking. ``y``:
+    class labels ``[B]`` of a conditional model (the bound is then on -log p(x_0 | y)).
     """
     B, K = t.shape
     flat_t = t.reshape(-1)
@@ -100,7 +102,8 @@ def evaluate_terms(
         ]
         noise = randn(x0_chunk.shape, gens, device=x0.device, dtype=x0.dtype)
         x_t = diffusion.q_sample(x0_chunk, t_chunk, noise)
-        out[sl] = diffusion.vlb_term(model, x0_chunk, x_t, t_chunk, clip_denoised=clip_denoised).double()
+        y_chunk = None if y is None else y[example[sl]]
+        out[sl] = diffusion.vlb_term(model, x0_chunk, x_t, t_chunk, clip_denoised=clip_denoised, y=y_chunk).double()
     return out.reshape(B, K)
 
 
@@ -113,8 +116,9 @@ def nll(
     max_batch_size: int = 1024,
     clip_denoised: bool = False,
     progress: bool = False,
+    y: torch.Tensor | None = None,
 ) -> NLLResult:
-    """All T terms of the bound for each example of ``x0`` ``[B, ...]``, bits/dim."""
+    """All T terms of the bound for each example of ``x0`` ``[B, ...]``, bits/dim; ``y``: labels if conditional."""
     check_data(x0)
     B, T = x0.shape[0], diffusion.num_timesteps
     per_chunk = max(1, max_batch_size // B)  # timesteps per network call
@@ -128,7 +132,8 @@ def nll(
         ts = torch.arange(start, min(T, start + per_chunk), device=x0.device)
         grid = ts.expand(B, -1)
         terms[:, ts] = evaluate_terms(
-            diffusion, model, x0, grid, generator=generator, max_batch_size=max_batch_size, clip_denoised=clip_denoised
+            diffusion, model, x0, grid, generator=generator, max_batch_size=max_batch_size,
+            clip_denoised=clip_denoised, y=y,
         )
     prior = diffusion.prior_bpd(x0).double()
     return NLLResult(total_bpd=prior + terms.sum(dim=1), prior_bpd=prior, terms_bpd=terms)
@@ -155,13 +160,10 @@ def stratum_edges(num_timesteps: int, strata: int) -> torch.Tensor:
     return edges
 
 
-def default_proposal(diffusion: GaussianDiffusion) -> torch.Tensor:
-    """The importance proposal ``[T]``: the loss-aware sampler's if it has learned one, else p_t ~ 1/(t+1),
-    which follows the typical decay of the terms with t."""
-    sampler = diffusion.timestep_sampler
-    if isinstance(sampler, LossAwareSampler) and bool((sampler.counts == sampler.history).all()):
-        return sampler.probabilities()
-    p = 1.0 / torch.arange(1, diffusion.num_timesteps + 1, dtype=torch.float64)
+def default_proposal(num_timesteps: int) -> torch.Tensor:
+    """The default importance proposal ``[T]``: p_t ~ 1/(t+1), which follows the typical decay of the
+    terms with t (a trained loss-aware timestep sampler's probabilities are a better one, when there)."""
+    p = 1.0 / torch.arange(1, num_timesteps + 1, dtype=torch.float64)
     return p / p.sum()
 
 
@@ -175,6 +177,7 @@ def nll_estimate(
     proposal: torch.Tensor | None = None,
     generator: Generator = None,
     max_batch_size: int = 1024,
+    y: torch.Tensor | None = None,
 ) -> NLLEstimate:
     """Unbiased estimate of ``nll(...).total_bpd`` from ``num_terms`` sampled timesteps per image.
 
@@ -206,24 +209,27 @@ def nll_estimate(
         sizes = (edges[1:] - edges[:-1]).double()  # N_h
         u = per_example(lambda n, g: torch.rand(n, strata, 2, generator=g, dtype=torch.float64, device=_dev(g)).cpu())
         t = edges[:-1, None] + (u * sizes[:, None]).long().clamp(max=(sizes - 1).long()[:, None])
-        y = evaluate_terms(
-            diffusion, model, x0, t.reshape(B, -1).to(device), generator=generator, max_batch_size=max_batch_size
+        terms = evaluate_terms(
+            diffusion, model, x0, t.reshape(B, -1).to(device), generator=generator, max_batch_size=max_batch_size,
+            y=y,
         ).reshape(B, strata, 2)
         sizes = sizes.to(device)
-        total_terms = (sizes * y.mean(dim=2)).sum(dim=1)
-        variance = (sizes**2 * (y[..., 0] - y[..., 1]) ** 2 / 4).sum(dim=1)
+        total_terms = (sizes * terms.mean(dim=2)).sum(dim=1)
+        variance = (sizes**2 * (terms[..., 0] - terms[..., 1]) ** 2 / 4).sum(dim=1)
     elif method == "importance":
         if num_terms < 2:
             raise ValueError(f"importance estimation needs num_terms >= 2, got {num_terms}")
-        p = default_proposal(diffusion) if proposal is None else proposal.double().cpu()
+        p = default_proposal(T) if proposal is None else proposal.double().cpu()
         if p.shape != (T,) or (p <= 0).any() or not torch.isfinite(p).all():
             raise ValueError(f"proposal must be a positive finite tensor of shape [{T}]")
         p = p / p.sum()
         t = per_example(
             lambda n, g: torch.multinomial(p.to(_dev(g)).expand(n, -1), num_terms, replacement=True, generator=g).cpu()
         )
-        y = evaluate_terms(diffusion, model, x0, t.to(device), generator=generator, max_batch_size=max_batch_size)
-        ratio = y / p.to(device)[t.to(device)]
+        terms = evaluate_terms(
+            diffusion, model, x0, t.to(device), generator=generator, max_batch_size=max_batch_size, y=y
+        )
+        ratio = terms / p.to(device)[t.to(device)]
         total_terms = ratio.mean(dim=1)
         variance = ratio.var(dim=1, unbiased=True) / num_terms
     else:

@@ -24,13 +24,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-ScheduleName = Literal["linear", "cosine"]
-SCHEDULES: tuple[str, ...] = ("linear", "cosine")
+from ddpm.choices import SCHEDULES, ScheduleName
 
 
 def make_betas(
@@ -105,13 +103,14 @@ def space_timesteps(num_timesteps: int, steps: int | Sequence[int]) -> torch.Ten
     return kept
 
 
-def respace_betas(alphas_cumprod: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Betas of the Markov chain that visits only the ``kept`` indices.
+def respace_betas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Betas of the Markov chain whose cumulative products are ``alphas_cumprod`` (increasing t).
 
-    beta'_i = 1 - abar[k_i] / abar[k_{i-1}] (abar before the first kept step is 1), so the new
-    chain's cumulative product equals ``alphas_cumprod[kept]`` exactly: it is a proper DDPM.
+    beta'_i = 1 - abar_i / abar_{i-1} (abar before the first is 1), so the new chain's cumulative
+    product equals the given abar exactly: a chain that visits only some timesteps of another is
+    a proper DDPM.
     """
-    abar = alphas_cumprod[kept]
+    abar = alphas_cumprod.to(torch.float64)
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     return 1.0 - abar / abar_prev
 
@@ -171,3 +170,46 @@ class Schedule:
     def snr(self) -> torch.Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t), float64 ``[T]``."""
         return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+
+    # -------------------------------------------------------------- continuous time
+    # Samplers that step in log-SNR or in sigma need the schedule between integer timesteps. The
+    # log-SNR lambda_t = log(abar_t / (1 - abar_t)) is interpolated linearly in t (the choice of
+    # k-diffusion, whose sigma = exp(-lambda / 2) is interpolated in log space): it is exact at the
+    # integers and strictly decreasing, so it can be inverted.
+
+    def log_snr(self) -> torch.Tensor:
+        """lambda_t = log(abar_t / (1 - abar_t)) at the integer timesteps, float64 ``[T]``."""
+        return torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
+
+    def log_snr_at(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda at (fractional) timesteps ``t`` in [0, T-1], float64, same shape as ``t``."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        T = self.num_timesteps
+        if t.numel() and (t.min() < 0 or t.max() > T - 1):
+            raise ValueError(f"timesteps must lie in [0, {T - 1}], got values in [{t.min():.4g}, {t.max():.4g}]")
+        lam = self.log_snr()
+        if T == 1:
+            return lam.expand_as(t).clone()
+        lo = t.floor().long().clamp(max=T - 2)
+        frac = t - lo
+        return lam[lo] + frac * (lam[lo + 1] - lam[lo])
+
+    def alphas_cumprod_at(self, t: torch.Tensor) -> torch.Tensor:
+        """abar at (fractional) timesteps ``t``: sigmoid(lambda_t); exactly ``alphas_cumprod[t]`` at integers."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if t.numel() and bool((t == t.round()).all()):
+            return self.alphas_cumprod[t.long()]
+        return torch.sigmoid(self.log_snr_at(t))
+
+    def timestep_at_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        """The (fractional) timestep whose interpolated lambda is ``lam`` (clamped to the schedule's range)."""
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        table = self.log_snr()
+        if self.num_timesteps == 1:
+            return torch.zeros_like(lam)
+        neg = -table  # increasing in t
+        x = (-lam).clamp(neg[0], neg[-1])
+        hi = torch.searchsorted(neg, x.contiguous()).clamp(1, self.num_timesteps - 1)
+        lo = hi - 1
+        frac = (x - neg[lo]) / (neg[hi] - neg[lo])
+        return lo.double() + frac

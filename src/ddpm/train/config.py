@@ -27,9 +27,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-Device = Literal["auto", "cpu", "cuda", "mps"]
-Amp = Literal["none", "bf16", "fp16"]
-EMAWarmup = Literal["none", "ratio", "power"]
+from ddpm.choices import (  # noqa: E402 - the Literal types must be module globals for get_type_hints
+    Amp,
+    Device,
+    EMAWarmup,
+    LossType,
+    LossWeighting,
+    Prediction,
+    ScheduleName,
+    TimestepSampling,
+    Variance,
+)
 
 
 @dataclass
@@ -72,13 +80,13 @@ class ModelConfig:
 class DiffusionConfig:
     """The forward process and the training objective."""
 
-    schedule: str = "linear"  # a beta schedule name understood by ddpm.make_betas
+    schedule: ScheduleName = "linear"  # beta schedule (ddpm.make_betas)
     timesteps: int = 1000  # T
-    prediction: Literal["eps", "x0", "v"] = "eps"
-    variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small"
-    loss: Literal["simple", "vlb", "hybrid"] = "simple"
-    timestep_sampling: Literal["uniform", "loss-aware"] = "uniform"
-    loss_weighting: Literal["none", "min-snr"] = "none"
+    prediction: Prediction = "eps"  # what the network predicts: eps, x0 or v
+    variance: Variance = "fixed_small"  # reverse-process variance
+    loss: LossType = "simple"
+    timestep_sampling: TimestepSampling = "uniform"  # which t training draws (the trainer's sampler)
+    loss_weighting: LossWeighting = "none"
     min_snr_gamma: float = 5.0
 
 

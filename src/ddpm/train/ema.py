@@ -15,9 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddpm.train.config import EMAWarmup
-
-_WARMUPS = ("none", "ratio", "power")
+from ddpm.choices import EMA_WARMUPS, EMAWarmup
 
 
 def ema_decay(
@@ -37,7 +35,7 @@ def ema_decay(
         return min(decay, (1 + n) / (10 + n))
     if warmup == "power":
         return min(decay, max(0.0, 1.0 - (1.0 + n / inv_gamma) ** -power))
-    raise ValueError(f"unknown EMA warmup {warmup!r}; valid: {', '.join(repr(w) for w in _WARMUPS)}")
+    raise ValueError(f"unknown EMA warmup {warmup!r}; valid: {', '.join(repr(w) for w in EMA_WARMUPS)}")
 
 
 class ExponentialMovingAverage:
@@ -57,8 +55,8 @@ class ExponentialMovingAverage:
         inv_gamma: float = 1.0,
         power: float = 0.75,
     ) -> None:
-        if warmup not in _WARMUPS:
-            raise ValueError(f"unknown EMA warmup {warmup!r}; valid: {', '.join(repr(w) for w in _WARMUPS)}")
+        if warmup not in EMA_WARMUPS:
+            raise ValueError(f"unknown EMA warmup {warmup!r}; valid: {', '.join(repr(w) for w in EMA_WARMUPS)}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay {decay} must lie in [0, 1)")
         self.decay, self.warmup, self.inv_gamma, self.power = decay, warmup, inv_gamma, power

@@ -37,6 +37,7 @@ from ddpm.train import distributed as dist_utils
 from ddpm.train.checkpoint import find_latest, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ddpm.train.config import ConfigError, RunConfig, per_rank_batch, save_config, validate_config
 from ddpm.train.ema import ExponentialMovingAverage
+from ddpm.train.timesteps import make_timestep_sampler
 
 logger = logging.getLogger("ddpm.train")
 
@@ -136,7 +137,9 @@ class Trainer:
         config: the resolved run configuration (its ``train``, ``optim``, ``ema`` sections are used
             here; the CLI uses the others to build model, diffusion and data).
         model: any ``nn.Module`` called as ``model(x_t, t)``; moved to the training device.
-        diffusion: a :class:`ddpm.GaussianDiffusion` (``training_losses``, ``sample_timesteps``, ...).
+        diffusion: a :class:`ddpm.GaussianDiffusion` (``training_losses``, ``num_timesteps``). Which
+            timesteps are drawn is the trainer's (``diffusion.timestep_sampling`` of the config):
+            its timestep sampler is checkpointed with the run.
         dataset: ``len(ds)``, ``ds.get_batch(indices) -> [B, ...]`` in [-1, 1], ``.kind``.
         eval_dataset: optional held-out data; the EMA model's loss on it is logged every
             ``train.eval_every`` steps.
@@ -167,6 +170,7 @@ class Trainer:
             raise ConfigError(f"train.amp='fp16' needs CUDA (the device is {self.device.type}); use 'bf16' or 'none'")
 
         self.config, self.diffusion, self.dataset = config, diffusion, dataset
+        self.timestep_sampler = make_timestep_sampler(config.diffusion.timestep_sampling, diffusion.num_timesteps)
         self.eval_dataset, self.sample_fn = eval_dataset, sample_fn
         self.out_dir = Path(tc.out_dir)
         self.is_main = self.rank == 0
@@ -279,7 +283,7 @@ class Trainer:
             flip = flip_mask(global_bs, seeded_generator("cpu", tc.seed, "hflip", step))[part]
             x0 = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x0.flip(-1), x0)
         gen = seeded_generator(self.device, tc.seed, "noise", step)
-        t, weights = self.diffusion.sample_timesteps(global_bs, self.device, gen)
+        t, weights = self.timestep_sampler.sample(global_bs, self.device, gen)
         noise = torch.randn((global_bs, *x0.shape[1:]), generator=gen, device=self.device)
         return x0, t[part], weights[part].float(), noise[part]
 
@@ -367,12 +371,11 @@ class Trainer:
 
     def observe_timesteps(self, per_example: dict[str, torch.Tensor]) -> None:
         """Feed the global batch's losses to a loss-aware timestep sampler, in the same order on all ranks."""
-        sampling = getattr(self.diffusion, "timestep_sampling", self.config.diffusion.timestep_sampling)
-        if sampling == "uniform":
+        if self.config.diffusion.timestep_sampling == "uniform":
             return
         t = dist_utils.all_gather_tensor(per_example["t"])
         observed = dist_utils.all_gather_tensor(per_example["observed"])
-        self.diffusion.observe_losses(t, observed)
+        self.timestep_sampler.observe(t, observed)
 
     def skip_step(self, stats: StepStats) -> None:
         """Drop the gradients of a non-finite step: no optimizer or EMA update."""
@@ -523,7 +526,7 @@ class Trainer:
             "data": {"step": self.step, "samples_seen": self.step * tc.batch_size,
                      "batch_size": tc.batch_size, "dataset_len": len(self.dataset)},
             "nonfinite": {"in_a_row": self.nonfinite_in_a_row, "total": self.nonfinite_total},
-            "timestep_sampler": self.diffusion.timestep_sampler_state(),
+            "timestep_sampler": self.timestep_sampler.state_dict(),
             "world_size": self.world_size,
         }
 
@@ -542,7 +545,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled() and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
-        self.diffusion.load_timestep_sampler_state(state["timestep_sampler"])
+        self.timestep_sampler.load_state_dict(state["timestep_sampler"])
         self.step = int(state["step"])
         self.nonfinite_in_a_row = int(state["nonfinite"]["in_a_row"])
         self.nonfinite_total = int(state["nonfinite"]["total"])

@@ -1,16 +1,16 @@
 """How training draws timesteps: uniformly, or by importance (Nichol & Dhariwal 2021, sec. 3.3).
 
 A sampler returns indices t ``[B]`` and weights ``[B]`` with E[w_t * L_t] = mean_t L_t, so the
-weighted loss stays an unbiased estimate of the uniform average whatever the proposal.
+weighted loss stays an unbiased estimate of the uniform average whatever the proposal. The
+trainer owns its sampler (and checkpoints its state); a loss-aware sampler's learned
+probabilities also make a good proposal for the Monte Carlo bound (:func:`ddpm.nll_estimate`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-TimestepSampling = Literal["uniform", "loss-aware"]
+from ddpm.choices import TIMESTEP_SAMPLINGS, TimestepSampling, check_choice
 
 
 class UniformSampler:
@@ -80,9 +80,11 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].to(torch.long).clone()
 
 
+    def is_warm(self) -> bool:
+        """True once every t has a full loss history (before that the probabilities are uniform)."""
+        return bool((self.counts == self.history).all())
+
+
 def make_timestep_sampler(name: TimestepSampling, num_timesteps: int) -> UniformSampler:
-    if name == "uniform":
-        return UniformSampler(num_timesteps)
-    if name == "loss-aware":
-        return LossAwareSampler(num_timesteps)
-    raise ValueError(f"unknown timestep_sampling {name!r}; valid: 'uniform', 'loss-aware'")
+    check_choice("timestep_sampling", name, TIMESTEP_SAMPLINGS)
+    return UniformSampler(num_timesteps) if name == "uniform" else LossAwareSampler(num_timesteps)

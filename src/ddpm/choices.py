@@ -1,0 +1,42 @@
+"""Every closed set of choices of the library, declared once.
+
+Each set is a ``Literal`` type (for signatures and the typed run configuration) and the tuple of
+its values (for validation messages and command-line ``choices``), taken from the same ``Literal``
+so the two cannot drift. :func:`check_choice` is the one validator.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+ScheduleName = Literal["linear", "cosine"]
+Prediction = Literal["eps", "x0", "v"]
+Variance = Literal["fixed_small", "fixed_large", "learned_range"]
+LossType = Literal["simple", "vlb", "hybrid"]
+LossWeighting = Literal["none", "min-snr"]
+TimestepSampling = Literal["uniform", "loss-aware"]
+Weights = Literal["ema", "raw"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Amp = Literal["none", "bf16", "fp16"]
+EMAWarmup = Literal["none", "ratio", "power"]
+
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+PREDICTIONS: tuple[str, ...] = get_args(Prediction)
+VARIANCES: tuple[str, ...] = get_args(Variance)
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
+TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
+WEIGHTS: tuple[str, ...] = get_args(Weights)
+DEVICES: tuple[str, ...] = get_args(Device)
+AMPS: tuple[str, ...] = get_args(Amp)
+EMA_WARMUPS: tuple[str, ...] = get_args(EMAWarmup)
+
+
+def check_choice(name: str, value: object, valid: tuple[str, ...] | object) -> None:
+    """Raise ``ValueError`` naming ``name``, ``value`` and the valid values unless ``value`` is one of them.
+
+    ``valid`` is a tuple of values or a ``Literal`` type.
+    """
+    options = valid if isinstance(valid, tuple) else get_args(valid)
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(repr(v) for v in options)}")
