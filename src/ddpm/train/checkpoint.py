@@ -31,6 +31,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from ddpm.errors import CheckpointError
 from ddpm.train.config import RunConfig, config_from_toml, to_toml
 
 FORMAT_VERSION = 1
@@ -40,11 +41,7 @@ _CKPT_RE = re.compile(r"^ckpt-(\d{8,})$")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.toml", "meta.json")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, or of another format."""
-
-
-class ArchitectureMismatchError(CheckpointError, ValueError):
+class ArchitectureMismatchError(CheckpointError):
     """The checkpoint's weights do not fit the model (different keys or shapes)."""
 
 

@@ -38,6 +38,7 @@ from ddpm.choices import (  # noqa: E402 - the Literal types must be module glob
     TimestepSampling,
     Variance,
 )
+from ddpm.errors import ConfigError  # noqa: E402,F401 - re-exported: ddpm.train.config.ConfigError
 
 
 @dataclass
@@ -145,10 +146,6 @@ class RunConfig:
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
-
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used; the message names the key."""
 
 
 # --------------------------------------------------------------------------------------------

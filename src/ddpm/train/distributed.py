@@ -16,6 +16,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ddpm.errors import DeviceError
+
 
 def is_distributed() -> bool:
     """True when a process group with more than one process is running."""
@@ -46,7 +48,7 @@ def is_main_process() -> bool:
 def resolve_device(device_pref: str = "auto", *, local_rank: int = 0) -> torch.device:
     """``"auto"`` means CUDA if present, else MPS, else CPU; CUDA uses device ``local_rank``."""
     if device_pref not in ("auto", "cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {device_pref!r}; valid: 'auto', 'cpu', 'cuda', 'mps'")
+        raise DeviceError(f"unknown device {device_pref!r}; valid: 'auto', 'cpu', 'cuda', 'mps'")
     if device_pref == "auto":
         if torch.cuda.is_available():
             device_pref = "cuda"
@@ -56,7 +58,8 @@ def resolve_device(device_pref: str = "auto", *, local_rank: int = 0) -> torch.d
             device_pref = "cpu"
     if device_pref == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False")
+            raise DeviceError("device 'cuda' was requested but this machine has no usable CUDA GPU "
+                              "(torch.cuda.is_available() is False); use --device cpu or auto")
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
@@ -64,7 +67,8 @@ def resolve_device(device_pref: str = "auto", *, local_rank: int = 0) -> torch.d
             )
         return torch.device("cuda", local_rank)
     if device_pref == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device 'mps' was requested but torch.backends.mps.is_available() is False")
+        raise DeviceError("device 'mps' was requested but torch.backends.mps.is_available() is False; "
+                          "use --device cpu or auto")
     return torch.device(device_pref)
 
 
