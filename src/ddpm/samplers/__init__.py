@@ -6,9 +6,19 @@ with the facts the driver needs (how many grid points K network evaluations buy,
 spacing, the options it reads). :func:`sample` builds the time grid, respaces the chain onto it and
 runs the steps. See :mod:`ddpm.samplers.state` for what a step may read.
 
+``steps`` is the unit of cost: K network evaluations (NFE) for every sampler, checked after each run.
+
 * ``ancestral``: Ho et al. 2020 Algorithm 2 on the (respaced) chain; K evaluations for K steps.
 * ``ddim``: Song et al. 2021 Eq. 12; ``eta=0`` is deterministic (first-order probability-flow ODE
   solver), ``eta=1`` coincides with ``ancestral`` under ``variance="fixed_small"``.
+* ``dpm++2m``, ``dpm++3m``: DPM-Solver++ multistep, second and third order (Lu et al. 2022b);
+  ``dpm++2m-sde``: its SDE variant (option ``eta``, 1 = the reverse SDE). See :mod:`.dpm_solver`.
+* ``unipc``: UniPC-bh2 predictor-corrector (Zhao et al. 2023; option ``order``). See :mod:`.unipc`.
+* ``heun``: EDM's Heun sampler (Karras et al. 2022; option ``churn``), two evaluations per
+  interval but the last. See :mod:`.heun`.
+
+The ODE and SDE solvers use the network's mean (through x0_hat) and ignore a learned variance;
+only ``ancestral`` (and ``ddim`` with eta = 1 on ``fixed_small``) follow the model's variance.
 """
 
 from __future__ import annotations
@@ -20,10 +30,14 @@ from typing import Any
 import torch
 
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import UserError
 from ddpm.samplers.ancestral import ancestral_step
 from ddpm.samplers.ddim import ddim_step
+from ddpm.samplers.dpm_solver import dpmpp_2m_step, dpmpp_3m_step
 from ddpm.samplers.grids import SPACINGS, Spacing, make_grid
+from ddpm.samplers.heun import heun_points, heun_step
 from ddpm.samplers.state import Denoised, SamplerState
+from ddpm.samplers.unipc import unipc_step
 from ddpm.tensors import Generator, Model, bind_condition, first_parameter_device, randn
 
 StepFn = Callable[[SamplerState, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -62,6 +76,26 @@ SAMPLERS: dict[str, SamplerSpec] = {
         ddim_step, "linspace", None, {"eta": 0.0},
         description="DDIM (Song et al. 2021), eta = 0 deterministic",
     ),
+    "dpm++2m": SamplerSpec(
+        dpmpp_2m_step, "uniform", 20, {},
+        description="DPM-Solver++(2M), second-order multistep ODE solver (Lu et al. 2022b)",
+    ),
+    "dpm++2m-sde": SamplerSpec(
+        dpmpp_2m_step, "uniform", 20, {"eta": 1.0},
+        description="SDE-DPM-Solver++(2M): second-order multistep, fresh noise each step (eta = 1: the reverse SDE)",
+    ),
+    "dpm++3m": SamplerSpec(
+        dpmpp_3m_step, "uniform", 20, {},
+        description="DPM-Solver++(3M), third-order multistep ODE solver",
+    ),
+    "unipc": SamplerSpec(
+        unipc_step, "uniform", 20, {"order": 2.0},
+        description="UniPC-bh2 predictor-corrector (Zhao et al. 2023), order 3 with the default UniP-2",
+    ),
+    "heun": SamplerSpec(
+        heun_step, "karras", 35, {"churn": 0.0}, points_for_nfe=heun_points,
+        description="EDM's Heun sampler (Karras et al. 2022), 2 evaluations per interval; churn > 0 adds noise",
+    ),
 }
 
 
@@ -75,7 +109,7 @@ def _frame_indices(num_steps: int, frames: int | None) -> set[int]:
     if frames is None or frames >= num_steps + 1:
         return set(range(num_steps + 1))
     if frames < 2:
-        raise ValueError(f"trajectory_frames must be >= 2 (x_T and x_0), got {frames}")
+        raise UserError(f"trajectory_frames must be >= 2 (x_T and x_0), got {frames}")
     return {round(i * num_steps / (frames - 1)) for i in range(frames)}
 
 
@@ -87,25 +121,38 @@ def sampling_chain(
     ``steps`` is a number of network evaluations (None: the sampler's default, all T for
     ``ancestral`` and ``ddim``) or an explicit list of timesteps.
     """
+    return _plan(diffusion, sampler, steps, spacing)[0]
+
+
+def nfe_budget(sampler: str, steps: int | None, num_timesteps: int) -> int:
+    """The network evaluations ``steps`` means for ``sampler`` (its default when None; all T for ancestral and ddim)."""
+    spec = get_spec(sampler)
+    nfe = spec.default_steps if steps is None else steps
+    nfe = num_timesteps if nfe is None else int(nfe)
+    if nfe < 1:
+        raise UserError(f"steps (network evaluations) must be >= 1, got {nfe}")
+    return nfe
+
+
+def _plan(
+    diffusion: GaussianDiffusion, sampler: str, steps: int | Sequence[float] | None, spacing: Spacing | None
+) -> tuple[GaussianDiffusion, int | None]:
+    """The respaced chain and the evaluation budget (None when the caller gave the grid itself)."""
     spec = get_spec(sampler)
     if steps is not None and not isinstance(steps, int):
-        return diffusion.respaced(steps)
-    nfe = spec.default_steps if steps is None else steps
+        return diffusion.respaced(steps), None
+    nfe = nfe_budget(sampler, steps, diffusion.num_timesteps)
     T = diffusion.num_timesteps
-    if nfe is None:
-        nfe = T
-    if not 1 <= nfe:
-        raise ValueError(f"steps must be >= 1, got {nfe}")
-    points = spec.points_for_nfe(int(nfe))
+    points = spec.points_for_nfe(nfe)
     if points > T:
-        raise ValueError(f"{sampler!r} with {nfe} network evaluations needs {points} timesteps, but T={T}")
+        raise UserError(f"{sampler!r} with {nfe} network evaluations needs {points} timesteps, but T={T}")
     grid = make_grid(diffusion.schedule, points, spacing or spec.default_spacing)
-    return diffusion.respaced(grid)
+    return diffusion.respaced(grid), nfe
 
 
 def get_spec(sampler: str) -> SamplerSpec:
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        raise UserError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     return SAMPLERS[sampler]
 
 
@@ -133,8 +180,9 @@ def sample(
 
     Args:
         sampler: a name in :data:`SAMPLERS`.
-        steps: network evaluations (the sampler turns them into grid points), or the grid's
-            timesteps themselves; ``None`` = the sampler's default (all T for ancestral and DDIM).
+        steps: network evaluations K (the sampler turns them into grid points and spends exactly
+            K), or the grid's timesteps themselves; ``None`` = the sampler's default (all T for
+            ancestral and DDIM).
         spacing: the time grid (see :mod:`ddpm.samplers.grids`); ``None`` = the sampler's default.
         clip_denoised: clamp the predicted x_0 to [-1, 1] at each step (images).
         generator: one generator for the batch, or one per example so that example i is the same
@@ -150,18 +198,18 @@ def sample(
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         valid = ", ".join(spec.options) or "none"
-        raise ValueError(f"sampler {sampler!r} has no option(s) {unknown}; its options: {valid}")
+        raise UserError(f"sampler {sampler!r} has no option(s) {unknown}; its options: {valid}")
     for name, value in options.items():
         if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    chain = sampling_chain(diffusion, sampler, steps, spacing)
+            raise UserError(f"{name} must be >= 0, got {value}")
+    chain, budget = _plan(diffusion, sampler, steps, spacing)
     device = torch.device(device) if device is not None else first_parameter_device(model)
     x = randn(shape, generator, device=device, dtype=torch.float32) if noise is None else noise.to(device)
     if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"noise shape {tuple(x.shape)} differs from requested shape {tuple(shape)}")
+        raise UserError(f"noise shape {tuple(x.shape)} differs from requested shape {tuple(shape)}")
     state = SamplerState(
         chain=chain, model=bind_condition(model, None if y is None else y.to(device)), generator=generator,
-        clip_denoised=clip_denoised, options={**spec.options, **options},
+        clip_denoised=clip_denoised, options={**spec.options, **options}, nfe_budget=budget, trained=diffusion,
     )
     num_steps = chain.num_timesteps
     keep = _frame_indices(num_steps, trajectory_frames) if return_trajectory else set()
@@ -177,6 +225,8 @@ def sample(
             callback(i, state.timesteps(index, x), x, pred_x0)
         if i in keep:
             frames.append(x)
+    if budget is not None and state.nfe != budget:  # the unit of cost is a promise: a solver that breaks it is a bug
+        raise RuntimeError(f"{sampler!r} spent {state.nfe} network evaluations for steps={budget}")
     if return_trajectory:
         return x, torch.stack(frames)
     return x
@@ -193,6 +243,7 @@ __all__ = [
     "ddim_step",
     "get_spec",
     "make_grid",
+    "nfe_budget",
     "sample",
     "sampler_names",
     "sampling_chain",
