@@ -189,11 +189,12 @@ def test_dpm_solver_first_order_is_ddim_and_heun_at_two_evaluations_is_ddim() ->
         a, _ = ddim_step(SamplerState(chain, model, clip_denoised=False), x, index)
         b, _ = dpm_solver_step(SamplerState(chain, model, clip_denoised=False), x, index, order=1)
         torch.testing.assert_close(a, b)
-    # heun with 2 evaluations takes two Euler steps in sigma-hat on its 2-point grid: DDIM's steps
-    grid = make_grid(d.schedule, 2, "karras").tolist()
-    kw = dict(noise=x, clip_denoised=False)
-    torch.testing.assert_close(sample(d, model, x.shape, sampler="heun", steps=2, **kw),
-                               sample(d, model, x.shape, sampler="ddim", steps=grid, **kw), rtol=2e-5, atol=1e-5)
+    # heun with 2 or 3 evaluations takes only Euler steps in sigma-hat on its 2 or 3 points: DDIM's steps
+    for k in (2, 3):
+        grid = make_grid(d.schedule, k, "karras").tolist()
+        kw = dict(noise=x, clip_denoised=False)
+        torch.testing.assert_close(sample(d, model, x.shape, sampler="heun", steps=k, spacing="karras", **kw),
+                                   sample(d, model, x.shape, sampler="ddim", steps=grid, **kw), rtol=2e-5, atol=1e-5)
 
 
 def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m() -> None:
@@ -244,3 +245,15 @@ def test_solver_option_errors() -> None:
         sample(d, lambda x, t: x, (1, 1), sampler="unipc", steps=5, order=4)
     with pytest.raises(ValueError, match=r"'heun' with 120 network evaluations needs 61 timesteps, but T=50"):
         sample(d, lambda x, t: x, (1, 1), sampler="heun", steps=120)
+
+
+def test_lambda_and_sigma_grids_start_at_sigma_max_where_the_schedule_goes_beyond() -> None:
+    from ddpm.samplers.grids import SIGMA_MAX
+
+    for schedule, top in (("cosine", SIGMA_MAX), ("linear", None)):  # cosine reaches 20000, linear 157
+        sched = GaussianDiffusion(make_betas(schedule, 1000)).schedule
+        for spacing in ("log-snr", "karras"):
+            grid = make_grid(sched, 10, spacing)
+            sigma = torch.exp(-0.5 * sched.log_snr_at(grid))
+            expected = top if top is not None else float(torch.exp(-0.5 * sched.log_snr()[-1]))
+            assert grid[0] == 0 and abs(float(sigma[-1]) / expected - 1) < 1e-9, (schedule, spacing, grid)

@@ -8,10 +8,15 @@ the two slopes (Algorithm 1, lines 5-8): two evaluations per interval.
 
 Cost in network evaluations (NFE). A grid of N points has N - 1 intervals between them and the
 interval to clean data, where the Euler step lands on x0_hat and a second slope would be wasted
-(EDM's rule). So N points cost 2N - 1 evaluations, and K evaluations buy N = K // 2 + 1 points:
-for odd K every interval but the last is a Heun step; for even K the first interval is an Euler
-step too. The first interval is where Euler loses least: at high noise the exact trajectory is
-nearly a straight line in z (for data of scale s, z - E[x_0] grows like sqrt(s^2 + sigma-hat^2)).
+(EDM's rule): N points cost 2N - 1 evaluations when every other interval is a Heun step. To spend
+exactly K, the first intervals (the noisiest) are Euler steps: one for even K (N = K / 2 + 1), two
+for odd K >= 3 (N = (K + 3) / 2); K = 1 is the single step to clean data. An explicit grid (steps
+given as timesteps) gets EDM's 2N - 1. Euler loses least at the noisy end, where the exact
+trajectory is nearly a straight line in z (for data of scale s, z - E[x_0] grows like
+sqrt(s^2 + sigma-hat^2)), and there Heun's trapezoid is at its worst: on the cosine schedule a
+trailing grid's first interval takes sigma-hat from 20000 to a few units, and averaging the two
+slopes across it ruined every sample (Frechet distance 2300 at 15 NFE on the demo model, against
+4.7 at 20 NFE with that interval taken by Euler).
 
 Option ``churn`` (EDM's S_churn, Algorithm 2, default 0 = deterministic): before each step the
 noise level is raised from sigma-hat_i to sigma-hat_i (1 + gamma), gamma = min(churn / N, sqrt(2) - 1),
@@ -32,8 +37,15 @@ MAX_GAMMA = math.sqrt(2.0) - 1.0  # Karras et al. Algorithm 2: never more than d
 
 
 def heun_points(nfe: int) -> int:
-    """Grid points that ``nfe`` evaluations buy (see the module docstring): nfe // 2 + 1."""
-    return nfe // 2 + 1
+    """Grid points that ``nfe`` evaluations buy (see the module docstring)."""
+    if nfe == 1:
+        return 1
+    return nfe // 2 + 1 if nfe % 2 == 0 else (nfe + 3) // 2
+
+
+def euler_intervals(state: SamplerState) -> int:
+    """How many of the first (noisiest) intervals are Euler steps: 2N - 1 minus the budget (0 without one)."""
+    return 0 if state.nfe_budget is None else 2 * state.num_points - 1 - state.nfe_budget
 
 
 def _sigma_hat(state: SamplerState, index: int) -> float:
@@ -42,8 +54,8 @@ def _sigma_hat(state: SamplerState, index: int) -> float:
 
 
 def heun_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One interval of EDM's sampler from chain index ``index`` to ``index - 1`` (Heun, or Euler where
-    the budget or clean data says so). Returns (x at index - 1, x0_hat)."""
+    """One interval of EDM's sampler from chain index ``index`` to ``index - 1`` (Heun, or Euler on the
+    noisiest intervals the budget leaves and into clean data). Returns (x at index - 1, x0_hat)."""
     alpha = state.alpha_sigma(index)[0]
     s_i = _sigma_hat(state, index)
     churn = float(state.options.get("churn", 0.0))
@@ -63,8 +75,7 @@ def heun_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.T
     alpha_next = state.alpha_sigma(index - 1)[0]
     s_next = _sigma_hat(state, index - 1)
     z_next = z + (s_next - s_hat) * d.eps  # Euler (Algorithm 1, line 5)
-    euler_only = index == state.num_points - 1 and state.nfe_budget == 2 * state.num_points - 2
-    if not euler_only:  # Heun's correction (lines 7-8): the slope at the Euler point, averaged
+    if index < state.num_points - euler_intervals(state):  # Heun (lines 7-8): average with the slope there
         d_next = state.denoise(alpha_next * z_next, index - 1, remember=False)
         z_next = z + (s_next - s_hat) * 0.5 * (d.eps + d_next.eps)
     return alpha_next * z_next, d.x0
