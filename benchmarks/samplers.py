@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -159,27 +160,51 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Distance against NFE: one colour per sampler family, one line style per spacing, y clipped at 60."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     stats = summary(result["rows"])
+    families = list(dict.fromkeys(r["sampler"] for r in result["rows"]))
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(families)}
+    styles = {None: "-", "linspace": "-", "uniform": "-", "trailing": "--", "log-snr": "-.", "karras": ":"}
     for label in dict.fromkeys(r["label"] for r in result["rows"]):
+        row = next(r for r in result["rows"] if r["label"] == label)
         pts = sorted((n, v[0]) for (name, n), v in stats.items() if name == label)
-        style = "--" if label.startswith("diffusers") else "-"
-        ax.plot(*zip(*pts, strict=True), style, marker="o", markersize=3, label=label)
+        ax.plot(*zip(*pts, strict=True), styles.get(row["spacing"], "-"), color=colours[row["sampler"]], marker="o",
+                markersize=3, label=label)
     for (label, _), (mean, _, _) in (summary(result["reference"]) if result["reference"] else {}).items():
         ax.axhline(mean, color="k", lw=0.8, ls=":", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(result["nfe"], [str(n) for n in result["nfe"]])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    low = 0.85 * min(v[0] for v in stats.values())
+    ax.set_ylim(low, 60)
+    ticks = [v for v in (2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 40, 60) if v >= low]
+    ax.set_yticks(ticks, [str(v) for v in ticks])
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("network evaluations (NFE)")
     ax.set_ylabel("Frechet distance (classifier features)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write(result: dict, stem: Path) -> None:
+    """``stem``.json, .md (the command, the machine, the table) and .png."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    Path(f"{stem}.md").write_text(
+        f"`{result['command']}` ({result['cpu']}, {result['threads']} threads, torch {result['torch']}, "
+        f"diffusers {result['diffusers']}; {result['seconds'] / 60:.0f} min)\n\n" + markdown(result), encoding="utf-8")
+    plot(result, Path(f"{stem}.png"))
+    print(f"wrote {stem}.md, .json and .png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="update results/samplers-<name>.json: re-measure --configs, keep its other rows and reference")
     p.add_argument("--quick", action="store_true", help="smoke run: 50 samples, NFE 5 and 10, no reference, no files")
     p.add_argument("--list", action="store_true", help="list the configuration labels and exit")
+    p.add_argument("--render", action="store_true", help="rewrite results/samplers-<name>.md and .png from its .json")
     args = p.parse_args(argv)
     if args.list:
         print("\n".join(c.label for c in CONFIGS))
+        return 0
+    if args.render:
+        write(json.loads((RESULTS / f"samplers-{args.name}.json").read_text()), RESULTS / f"samplers-{args.name}")
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -256,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference": reference, "rows": rows, "summary": {f"{k[0]} @ {k[1]}": v for k, v in summary(rows).items()},
         "cpu": _cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "diffusers": _diffusers_version(), "seconds": round(time.perf_counter() - t_start, 1),
-        "command": "python benchmarks/samplers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/samplers.py " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
     if previous:
         result["command"] = f"{previous['command']}; then {result['command']}"
@@ -264,13 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(result)
     print("\n" + table)
     if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        Path(f"{stem}.md").write_text(
-            f"`{result['command']}` ({result['cpu']}, {result['threads']} threads, torch {result['torch']}, "
-            f"diffusers {result['diffusers']}; {result['seconds'] / 60:.0f} min)\n\n" + table, encoding="utf-8")
-        plot(result, Path(f"{stem}.png"))
-        print(f"wrote {stem}.md, .json and .png")
+        write(result, stem)
     return 0
 
 
