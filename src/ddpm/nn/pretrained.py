@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ddpm.errors import UserError
 from ddpm.nn.unet import UNet, UNetConfig
 
 __all__ = [
@@ -28,12 +29,13 @@ __all__ = [
     "config_to_diffusers",
     "convert_diffusers_state_dict",
     "load_pretrained",
+    "to_diffusers_state_dict",
 ]
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError):
     """A diffusers folder that cannot be mapped exactly onto :class:`UNet`."""
 
 
@@ -270,6 +272,20 @@ def convert_diffusers_state_dict(state: Mapping[str, Tensor], model: UNet) -> di
             )
         converted[key] = tensor
     return converted
+
+
+def to_diffusers_state_dict(model: UNet) -> dict[str, Tensor]:
+    """``model``'s weights under diffusers' ``UNet2DModel`` names (the inverse of :func:`convert_diffusers_state_dict`).
+
+    A fused qkv projection is split into ``to_q``, ``to_k`` and ``to_v``; tensors are contiguous CPU copies.
+    """
+    out: dict[str, Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        names = _diffusers_names(key)
+        parts = tensor.chunk(len(names), dim=0) if len(names) > 1 else (tensor,)
+        for name, part in zip(names, parts, strict=True):
+            out[name] = part.detach().to("cpu").contiguous().clone()
+    return out
 
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:

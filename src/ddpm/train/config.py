@@ -48,7 +48,7 @@ class DataConfig:
     dataset: str = "cifar10"  # a built-in name, a folder of images, or a .npy/.npz file
     image_size: int | None = None  # resize and centre-crop images to this square size; None = native
     channels: int | None = None  # 1, 3 or 4; None = the source's
-    hflip: bool = True  # random horizontal flips of images (ignored for vector data)
+    hflip: bool | None = None  # random horizontal flips; None: on, except for digits (mirrored digits are not digits)
     skip_bad_images: bool = False  # folders: skip undecodable files instead of stopping
     num_points: int | None = None  # 2-D toy sets: points in the training split; None = their default
     holdout_fraction: float | None = None  # share held out as the eval split; None = the data set's default
@@ -89,6 +89,8 @@ class DiffusionConfig:
     timestep_sampling: TimestepSampling = "uniform"  # which t training draws (the trainer's sampler)
     loss_weighting: LossWeighting = "none"
     min_snr_gamma: float = 5.0
+    betas: tuple[float, ...] | None = None  # explicit beta_1..beta_T; when set it replaces `schedule`
+    clip_denoised: bool | None = None  # clamp predicted x_0 to [-1, 1] when sampling; None: images yes, vectors no
 
 
 @dataclass
@@ -398,6 +400,8 @@ def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
     need(ema.inv_gamma > 0, f"ema.inv_gamma={ema.inv_gamma} must be > 0")
     need(ema.power > 0, f"ema.power={ema.power} must be > 0")
     need(df.timesteps >= 1, f"diffusion.timesteps={df.timesteps} must be >= 1")
+    need(df.betas is None or len(df.betas) == df.timesteps,
+         f"diffusion.betas has {len(df.betas or ())} values but diffusion.timesteps={df.timesteps}")
     need(df.min_snr_gamma > 0, f"diffusion.min_snr_gamma={df.min_snr_gamma} must be > 0")
     for name in ("image_size", "channels", "num_points"):
         value = getattr(config.data, name)

@@ -1,0 +1,104 @@
+"""Training from a configuration, as one library call: ``ddpm.fit(config)``.
+
+    import ddpm
+    from ddpm.train import RunConfig, apply_overrides
+
+    cfg = apply_overrides(RunConfig(), {"data.dataset": "mnist5k", "train.steps": 2000, "optim.lr": 2e-3,
+                                        "train.out_dir": "runs/mnist"})
+    result = ddpm.fit(cfg)                  # builds data, diffusion and network, trains, checkpoints
+    pipe = ddpm.load(result.checkpoint)     # the EMA weights, ready to sample
+
+The configuration is resolved before training (the network preset picked for the data, the data
+shape, flips) and saved beside every checkpoint, so a checkpoint always says how it was made.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ddpm.build import build_dataset, build_diffusion, build_model, model_spec, resolve_hflip
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import DataError
+from ddpm.train import Trainer, validate_config
+from ddpm.train.config import RunConfig, apply_overrides
+from ddpm.train.distributed import is_main_process
+
+logger = logging.getLogger("ddpm")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` leaves behind."""
+
+    step: int  # optimizer steps done
+    checkpoint: Path | None  # the newest checkpoint written (or resumed from)
+    nonfinite_total: int  # steps skipped for a non-finite loss or gradient
+    config: RunConfig  # the resolved configuration the run used
+
+
+def resolve_config(cfg: RunConfig, data_shape: tuple[int, ...], hflip: bool) -> RunConfig:
+    """``cfg`` with everything decided from the data written in: preset, data shape, flips."""
+    preset, _ = model_spec(cfg.model, data_shape, learned_sigma=cfg.diffusion.variance == "learned_range")
+    return apply_overrides(cfg, {"model.preset": preset, "model.data_shape": list(data_shape), "data.hflip": hflip})
+
+
+def grid_callback(out_dir: Path, diffusion: GaussianDiffusion, data_shape: tuple[int, ...],
+                  reference: torch.Tensor | None, *, num: int = 64, steps: int = 50,
+                  seed: int = 0) -> Callable[[nn.Module, int], None]:
+    """A trainer callback writing ``out_dir/samples/step-XXXXXXXX.png``: samples of the EMA model
+    (a grid for images, a scatter over the data for 2-D points), the same seeds every time."""
+    from ddpm import viz
+    from ddpm.pipeline import item_seeds
+    from ddpm.samplers import sample
+
+    def sample_fn(model: nn.Module, step: int) -> None:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        gens = [torch.Generator().manual_seed(s) for s in item_seeds(seed, range(num))]
+        with torch.inference_mode():
+            x = sample(diffusion, model, (num, *data_shape), sampler="ddim", steps=steps, generator=gens,
+                       device=device, clip_denoised=len(data_shape) == 3)
+        model.train(was_training)
+        path = out_dir / "samples" / f"step-{step:08d}.png"
+        if len(data_shape) == 3:
+            viz.save_grid(x, path, nrow=8)
+        else:
+            viz.save_scatter(x, reference, path, title=f"step {step}")
+
+    return sample_fn
+
+
+def fit(cfg: RunConfig, *, resume: str | Path | None = None, progress: bool = True) -> TrainResult:
+    """Build data, diffusion and network from ``cfg`` and train to ``cfg.train.steps``.
+
+    ``resume``: ``"auto"`` (the newest checkpoint in ``cfg.train.out_dir``, if any) or a
+    checkpoint / run folder. Under torchrun every process calls this; only rank 0 writes.
+    """
+    dataset = build_dataset(cfg.data, "train")
+    try:
+        eval_dataset = build_dataset(cfg.data, "test")
+    except (DataError, ValueError):  # a data set without a held-out split trains without eval losses
+        eval_dataset = None
+    shape = tuple(dataset.shape)
+    cfg = resolve_config(cfg, shape, resolve_hflip(cfg.data, dataset))
+    validate_config(cfg)
+    diffusion = build_diffusion(cfg.diffusion)
+    model, _ = build_model(cfg, shape)
+    if is_main_process() and progress:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"data: {dataset.name} ({len(dataset)} train, shape {list(shape)}); model: {cfg.model.preset} "
+              f"({n_params / 1e6:.2f}M parameters); {diffusion}", flush=True)
+    out_dir = Path(cfg.train.out_dir)
+    reference = dataset.get_batch(torch.arange(min(len(dataset), 2000))) if dataset.kind == "vector" else None
+    sample_fn = grid_callback(out_dir, diffusion, shape, reference)
+    trainer = Trainer(cfg, model, diffusion, dataset, eval_dataset=eval_dataset, sample_fn=sample_fn)
+    summary = trainer.run(resume=resume)
+    return TrainResult(step=summary["step"], checkpoint=summary["checkpoint"],
+                       nonfinite_total=summary["nonfinite_total"], config=cfg)
