@@ -194,3 +194,22 @@ def test_help_shows_the_configuration_defaults(capsys: pytest.CaptureFixture) ->
     for flag, value in (("--steps", defaults.train.steps), ("--lr", defaults.optim.lr),
                         ("--batch-size", defaults.train.batch_size), ("--ema-decay", defaults.ema.decay)):
         assert f"(default: {value})" in text.split(f" {flag} ", 1)[1].split(" --", 1)[0], flag
+
+
+def test_export_and_every_command_on_a_diffusers_folder(trained_run: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    export = tmp_path / "export"
+    assert main(["export", str(trained_run), str(export)]) == 0
+    assert (export / "model_index.json").is_file() and (export / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert main(["export", str(trained_run), str(export)]) == 2  # never over an earlier export
+    assert "not empty" in capsys.readouterr().err
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["-n", "3", "--steps", "5", "--device", "cpu", "--format", "npz"]
+    assert main(["sample", str(trained_run), "--out", str(a), *common]) == 0
+    assert main(["sample", str(export), "--out", str(b), *common]) == 0
+    np.testing.assert_array_equal(np.load(a / "samples.npz")["images"], np.load(b / "samples.npz")["images"])
+    data = write_folder(tmp_path / "data")
+    assert main(["nll", str(export), "-n", "2", "--estimate", "4", "--out", str(tmp_path / "n"), "--device", "cpu"]) == 2
+    assert "pass --data" in capsys.readouterr().err
+    assert main(["nll", str(export), "--data", str(data), "--split", "train", "-n", "2", "--estimate", "4",
+                 "--out", str(tmp_path / "n"), "--device", "cpu"]) == 0

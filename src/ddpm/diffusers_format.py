@@ -174,7 +174,7 @@ def diffusion_from_scheduler(cfg: Mapping[str, Any], *, source: str = "scheduler
     """Our :class:`DiffusionConfig` of a diffusers scheduler config; refuses what it cannot honour.
 
     ``clip_denoised`` is set from ``clip_sample``; ``betas`` holds the schedule when it is not one
-    of ours exactly (diffusers computes betas in float32; they are kept as given).
+    of ours exactly, computed in float64 (diffusers computes them in float32).
     """
 
     def fail(field: str, message: str) -> DiffusersFormatError:
@@ -219,11 +219,10 @@ def diffusion_from_scheduler(cfg: Mapping[str, Any], *, source: str = "scheduler
 def _schedule_from_scheduler(cfg: Mapping[str, Any], T: int, fail: Any) -> tuple[str, tuple[float, ...] | None]:
     """(schedule name, explicit betas or None) of a scheduler config, computed as diffusers does."""
     trained = cfg.get("trained_betas")
-    if trained is not None:
-        betas = torch.tensor(trained, dtype=torch.float32)
-        if betas.numel() != T:
-            raise fail("trained_betas", f"has {betas.numel()} values but num_train_timesteps is {T}")
-        return "linear", tuple(float(b) for b in betas.double())
+    if trained is not None:  # kept in float64 as written (diffusers rounds them to float32: a 1e-8 difference)
+        if not isinstance(trained, list) or len(trained) != T:
+            raise fail("trained_betas", f"must be a list of num_train_timesteps={T} numbers")
+        return "linear", tuple(float(b) for b in trained)
     name = cfg.get("beta_schedule", "linear")
     start, end = float(cfg.get("beta_start", 0.0001)), float(cfg.get("beta_end", 0.02))
     if name == "squaredcos_cap_v2":
@@ -231,13 +230,13 @@ def _schedule_from_scheduler(cfg: Mapping[str, Any], T: int, fail: Any) -> tuple
     if name == "linear":
         if T == 1000 and start == 0.0001 and end == 0.02:
             return "linear", None
-        betas = torch.linspace(start, end, T, dtype=torch.float32)
+        betas = torch.linspace(start, end, T, dtype=torch.float64)
     elif name == "scaled_linear":
-        betas = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float32) ** 2
+        betas = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
     else:
         raise fail("beta_schedule", f"is {name!r}; supported: linear, scaled_linear, squaredcos_cap_v2 "
                                     "or explicit trained_betas")
-    return "linear", tuple(float(b) for b in betas.double())
+    return "linear", tuple(float(b) for b in betas)
 
 
 def read_pipeline_folder(path: str | Path) -> PipelineParts:

@@ -25,6 +25,7 @@ import torch
 from ddpm.build import build_dataset
 from ddpm.errors import UserError
 from ddpm.pipeline import Pipeline
+from ddpm.train.config import DataConfig, apply_overrides
 
 DIGIT_SETS = ("mnist5k", "digits", "mnist", "fashion-mnist")
 FEATURES = ("auto", "classifier", "inception")
@@ -42,14 +43,22 @@ class Reference:
     log_density: Callable[[torch.Tensor], torch.Tensor] | None = None  # exact, for the 2-D mixture
 
 
-def classifier_for(pipe: Pipeline, *, seed: int = 0, epochs: int = 5) -> tuple[Any, dict[str, Any]]:
-    """The project's digit classifier for this run's data set: trained once on its training split,
+def reference_data(pipe: Pipeline, data: str | None = None) -> DataConfig:
+    """The data configuration to measure against: the run's own, or the data set ``data`` names."""
+    if data is not None:
+        return apply_overrides(pipe.config, {"data.dataset": data}).data
+    if pipe.config.model.preset == "diffusers":
+        raise UserError(f"{pipe.source} is an imported diffusers pipeline and names no data set: pass --data")
+    return pipe.config.data
+
+
+def classifier_for(pipe: Pipeline, cfg: DataConfig, *, seed: int = 0, epochs: int = 5) -> tuple[Any, dict[str, Any]]:
+    """The project's digit classifier for the data set ``cfg``: trained once on its training split,
     cached in the data cache folder, and described (hash, held-out accuracy) for the eval card."""
     from ddpm.data import default_cache_dir
     from ddpm.data.registry import resolve_name
     from ddpm.eval import DigitClassifier, train_classifier
 
-    cfg = pipe.config.data
     name = resolve_name(cfg.dataset) if isinstance(cfg.dataset, str) else None
     if name not in DIGIT_SETS:
         raise UserError(f"the download-free classifier features exist for {', '.join(DIGIT_SETS)}; "
@@ -71,21 +80,23 @@ def classifier_for(pipe: Pipeline, *, seed: int = 0, epochs: int = 5) -> tuple[A
     return clf, info
 
 
-def make_reference(pipe: Pipeline, *, features: str = "auto", inception_weights: str | None = None,
-                   seed: int = 0) -> Reference:
-    """The held-out split of the run's data, with features for images (see the module docstring)."""
+def make_reference(pipe: Pipeline, *, data: str | None = None, features: str = "auto",
+                   inception_weights: str | None = None, seed: int = 0) -> Reference:
+    """The held-out split of the run's data (or of ``data``), with features for images (see the module docstring)."""
     if features not in FEATURES:
         raise UserError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
-    if pipe.config.model.preset == "diffusers":
-        raise UserError(f"{pipe.source} is an imported diffusers pipeline: it names no data set to measure against")
-    test = build_dataset(pipe.config.data, "test")
+    cfg = reference_data(pipe, data)
+    test = build_dataset(cfg, "test")
+    if tuple(test.shape) != pipe.data_shape:
+        raise UserError(f"the reference data {cfg.dataset!r} has shape {list(test.shape)}, the model makes "
+                        f"{list(pipe.data_shape)}")
     images = test.get_batch(torch.arange(len(test)))
     if not pipe.is_image:
         return Reference(images, None, f"{test.name} test split, {len(test)} points", log_density=test.log_density)
     if features == "auto":
         features = "classifier" if pipe.data_shape[0] == 1 else "inception"
     if features == "classifier":
-        extractor, info = classifier_for(pipe, seed=seed)
+        extractor, info = classifier_for(pipe, cfg, seed=seed)
     else:
         from ddpm.eval import InceptionV3Features
 
@@ -136,13 +147,14 @@ def headline_metric(ref: Reference) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------- eval card
 def evaluate(
     pipe: Pipeline, *, num: int, sampler: str = "ancestral", steps: int | None = None, spacing: str | None = None,
-    seed: int = 0, batch_size: int = 100, features: str = "auto", inception_weights: str | None = None,
-    nll_images: int = 0, nll_terms: int = 40, samples: torch.Tensor | None = None, reference: Reference | None = None,
-    **options: float,
+    seed: int = 0, batch_size: int = 100, data: str | None = None, features: str = "auto",
+    inception_weights: str | None = None, nll_images: int = 0, nll_terms: int = 40,
+    samples: torch.Tensor | None = None, reference: Reference | None = None, **options: float,
 ) -> dict[str, Any]:
     """Sample (unless ``samples`` are given), measure against held-out data, and return the eval card."""
     t0 = time.perf_counter()
-    ref = reference or make_reference(pipe, features=features, inception_weights=inception_weights, seed=seed)
+    ref = reference or make_reference(pipe, data=data, features=features, inception_weights=inception_weights,
+                                      seed=seed)
     if samples is None:
         samples = pipe.sample(num, sampler=sampler, steps=steps, spacing=spacing, seed=seed, batch_size=batch_size,
                               **options)
@@ -187,14 +199,15 @@ def card_markdown(card: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------- sweep
 def sweep(
     pipe: Pipeline, *, samplers: Sequence[str], nfes: Sequence[int], num: int, seed: int = 0, batch_size: int = 100,
-    features: str = "auto", reference: Reference | None = None, on_row: Callable[[dict[str, Any]], None] | None = None,
+    data: str | None = None, features: str = "auto", reference: Reference | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], Reference]:
     """Every sampler at every budget of network evaluations, on the same seeds (so the same x_T).
 
     Returns one row per (sampler, NFE) that the sampler can run with this T (others are skipped
     with a row whose ``skipped`` says why) and the reference used.
     """
-    ref = reference or make_reference(pipe, features=features, seed=seed)
+    ref = reference or make_reference(pipe, data=data, features=features, seed=seed)
     key, _ = headline_metric(ref)
     rows: list[dict[str, Any]] = []
     for sampler in samplers:

@@ -26,6 +26,8 @@ def register(sub: Any) -> None:
     add_output_flags(p, "eval")
     p.add_argument("-n", "--num", type=positive_int, default=1000, help="samples generated")
     add_sampler_flags(p, sampler="ancestral", steps=50)
+    p.add_argument("--data", default=None, help="reference data set (default: the run's own; needed for an "
+                                                "imported diffusers pipeline)")
     p.add_argument("--features", choices=FEATURES, default="auto",
                    help="feature network: the project's digit classifier (offline) or Inception-v3")
     p.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_output_folder(args.out or default_out(pipe.source, "eval"),
                                 produces=["eval_card.json", "eval_card.md"], force=args.force)
     card = evaluate(pipe, num=args.num, sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
-                    batch_size=args.batch_size, features=args.features, inception_weights=args.inception_weights,
+                    batch_size=args.batch_size, data=args.data, features=args.features,
+                    inception_weights=args.inception_weights,
                     nll_images=args.nll_images, nll_terms=args.nll_terms, **sampler_options(args))
     write_json(out / "eval_card.json", card)
     (out / "eval_card.md").write_text(card_markdown(card), encoding="utf-8")

@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from ddpm import viz
     from ddpm.build import build_dataset
     from ddpm.errors import UserError
+    from ddpm.evaluate import reference_data
     from ddpm.outputs import prepare_output_folder, write_json
-    from ddpm.train.config import apply_overrides
     from ddpm.train.distributed import cleanup_distributed, is_main_process, setup_distributed
 
     device, _, _ = setup_distributed(args.device)
@@ -42,10 +42,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or default_out(pipe.source, "nll")
         if is_main_process():
             prepare_output_folder(out, produces=["nll.json", "terms.png"], force=args.force)
-        data_cfg = pipe.config.data if args.data is None else apply_overrides(
-            pipe.config, {"data.dataset": args.data}).data
-        if args.data is None and pipe.config.model.preset == "diffusers":
-            raise UserError(f"{pipe.source} is an imported diffusers pipeline and names no data set: pass --data")
+        data_cfg = reference_data(pipe, args.data)
         dataset = build_dataset(data_cfg, args.split)
         if dataset.kind != "image":
             raise UserError("the bound uses the 256-level decoder of 8-bit images; this data set holds vectors")

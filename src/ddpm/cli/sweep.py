@@ -30,6 +30,8 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", type=int_list, default=[5, 10, 20, 50, 100], metavar="NFE,...",
                    help="comma list of network-evaluation budgets (default: 5,10,20,50,100)")
     p.add_argument("--batch-size", type=positive_int, default=100, help="samples per network call")
+    p.add_argument("--data", default=None, help="reference data set (default: the run's own; needed for an "
+                                                "imported diffusers pipeline)")
     p.add_argument("--features", choices=FEATURES, default="auto", help="feature network for images")
     p.set_defaults(func=run)
 
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             say(f"{row['sampler']:12s} {row['nfe']:5d} network evaluations  skipped: {row['skipped']}")
 
     rows, ref = sweep(pipe, samplers=args.samplers, nfes=args.steps, num=args.num, seed=args.seed,
-                      batch_size=args.batch_size, features=args.features, on_row=report)
+                      batch_size=args.batch_size, data=args.data, features=args.features, on_row=report)
     _, metric = headline_metric(ref)
     write_json(out / "sweep.json", {"checkpoint": str(pipe.source), "num_samples": args.num, "seed": args.seed,
                                     "metric": metric, "features": ref.feature_info or {}, "rows": rows})
