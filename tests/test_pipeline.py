@@ -24,7 +24,7 @@ def test_sample_i_does_not_depend_on_the_batch_size() -> None:
     pipe = vector_pipe(MLPDenoiser(MLPConfig(dim=2, hidden=16, num_blocks=1)))
     whole = pipe.sample(7, sampler="ancestral", seed=3, batch_size=7)
     pieces = pipe.sample(7, sampler="ancestral", seed=3, batch_size=2)
-    assert torch.equal(whole, pieces)
+    torch.testing.assert_close(whole, pieces, atol=1e-5, rtol=1e-5)  # the same noise; only matmul blocking differs
     assert not torch.equal(whole, pipe.sample(7, sampler="ancestral", seed=4))
     assert pipe.network_evaluations("ancestral", None) == 20 and pipe.network_evaluations("ddim", 5) == 5
 
