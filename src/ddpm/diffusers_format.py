@@ -4,7 +4,8 @@ A diffusers pipeline folder (what ``diffusers.DDPMPipeline.save_pretrained`` wri
 ``DDPMPipeline.from_pretrained`` reads) holds
 
 - ``model_index.json``: the pipeline class and its parts,
-- ``unet/config.json`` and ``unet/diffusion_pytorch_model.safetensors``: a ``UNet2DModel``,
+- ``unet/config.json`` and ``unet/diffusion_pytorch_model.safetensors``: a ``UNet2DModel``
+  (class-conditional: ``num_class_embeds``, called with ``class_labels``),
 - ``scheduler/scheduler_config.json``: the diffusion (betas, what the network predicts, the
   reverse variance, clipping) plus a scheduler's inference settings.
 
@@ -35,7 +36,7 @@ import torch
 
 from ddpm.errors import UserError
 from ddpm.nn import UNet, load_pretrained
-from ddpm.nn.pretrained import config_to_diffusers, to_diffusers_state_dict
+from ddpm.nn.pretrained import NULL_CLASS_KEY, config_to_diffusers, to_diffusers_state_dict
 from ddpm.schedules import make_betas
 from ddpm.train.config import DiffusionConfig
 
@@ -149,6 +150,8 @@ def write_pipeline_folder(
         (tmp / "scheduler").mkdir()
         unet_cfg = {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
                     **config_to_diffusers(model.config)}
+        if model.config.num_classes is not None and model.config.null_class:
+            unet_cfg[NULL_CLASS_KEY] = model.config.num_classes  # diffusers ignores it; our import reads it
         _write_json(tmp / "unet" / "config.json", unet_cfg)
         save_file(to_diffusers_state_dict(model), str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(diffusion, clip_sample=clip_sample))
@@ -248,8 +251,8 @@ def read_pipeline_folder(path: str | Path) -> PipelineParts:
         index = _read_json(index_file)
         for part in ("unet", "scheduler"):
             if part not in index:
-                raise DiffusersFormatError(f"{index_file}: no {part!r} entry; ddpm reads unconditional DDPM-style "
-                                           f"pipelines (a unet and a scheduler), found {sorted(index)}")
+                raise DiffusersFormatError(f"{index_file}: no {part!r} entry; ddpm reads DDPM-style pipelines "
+                                           f"(a unet and a scheduler), found {sorted(index)}")
     scheduler_file = scheduler_dir / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise DiffusersFormatError(f"{path}: no scheduler/scheduler_config.json; without it the diffusion "
