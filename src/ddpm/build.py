@@ -101,12 +101,16 @@ def auto_preset(data_shape: tuple[int, ...]) -> str:
 def model_spec(cfg: ModelConfig, data_shape: tuple[int, ...], *, learned_sigma: bool) -> tuple[str, dict[str, Any]]:
     """The resolved preset name and the full architecture dict of the network for this data."""
     preset = auto_preset(data_shape) if cfg.preset == "auto" else cfg.preset
+    if cfg.class_cond and cfg.num_classes is None:
+        raise ConfigError("model.class_cond is set but model.num_classes is not (ddpm.fit takes it from the data)")
+    classes = {"num_classes": cfg.num_classes} if cfg.class_cond else {}
     if preset in MLP_PRESETS:
         if len(data_shape) != 1:
             raise ConfigError(f"model preset {preset!r} is for vector data, but the data has shape {data_shape}")
         overrides = {k: getattr(cfg, k) for k in MLP_FIELDS if getattr(cfg, k) is not None}
         try:
-            arch = mlp_preset(preset, dim=data_shape[0], learned_sigma=learned_sigma, **overrides).to_dict()
+            arch = mlp_preset(preset, dim=data_shape[0], learned_sigma=learned_sigma, **classes,
+                              **overrides).to_dict()
         except ValueError as exc:
             raise ConfigError(f"[model] {exc}") from exc
         return preset, {"kind": "mlp", **arch}
@@ -123,7 +127,8 @@ def model_spec(cfg: ModelConfig, data_shape: tuple[int, ...], *, learned_sigma: 
         levels = [h // 2**i for i in range(len(base.channel_mult))]
         overrides["attention_resolutions"] = tuple(r for r in levels if r <= 16)[:1]
     try:
-        arch = unet_preset(preset, in_channels=c, image_size=h, learned_sigma=learned_sigma, **overrides).to_dict()
+        arch = unet_preset(preset, in_channels=c, image_size=h, learned_sigma=learned_sigma, **classes,
+                           **overrides).to_dict()
     except ValueError as exc:  # e.g. num_groups not dividing a width, an image size the levels cannot halve
         raise ConfigError(f"[model] {exc}") from exc
     return preset, {"kind": "unet", **arch}

@@ -31,6 +31,7 @@ from ddpm.choices import WEIGHTS, Weights, check_choice
 from ddpm.diffusers_format import is_pipeline_folder, read_pipeline_folder, write_pipeline_folder
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import CheckpointError, UserError
+from ddpm.guidance import Guided
 from ddpm.likelihood import nll as exact_bound
 from ddpm.likelihood import nll_estimate
 from ddpm.samplers import Spacing, get_spec, sample, sampling_chain
@@ -74,6 +75,7 @@ class Bound:
     timesteps: int
     mode: str
     per_image_bpd: torch.Tensor = field(repr=False)
+    conditional: bool = False  # True: the bound on -log p(x | y) with the given labels
     decoder_bpd: float | None = None
     kl_bpd: float | None = None
     mc_stderr_bpd: float | None = None
@@ -83,7 +85,9 @@ class Bound:
         """The scalar fields, JSON-ready (the per-image and per-term tensors left out)."""
         keys = ("images", "timesteps", "mode", "total_bpd", "stderr_bpd", "prior_bpd", "kl_bpd", "decoder_bpd",
                 "mc_stderr_bpd")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        out["bound_on"] = "-log p(x | y), true labels" if self.conditional else "-log p(x)"
+        return out
 
 
 class Pipeline:
@@ -131,6 +135,40 @@ class Pipeline:
         configured = self.config.diffusion.clip_denoised
         return self.is_image if configured is None else bool(configured) and self.is_image
 
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of a class-conditional network (labels 0..num_classes-1), else None."""
+        return getattr(getattr(self.model, "config", None), "num_classes", None)
+
+    @property
+    def can_guide(self) -> bool:
+        """Whether classifier-free guidance is possible: a conditional network with a null class."""
+        return self.num_classes is not None and bool(getattr(self.model.config, "null_class", False))
+
+    def labels(self, classes: int | Sequence[int] | torch.Tensor | None, num: int) -> torch.Tensor | None:
+        """Per-sample labels ``[num]`` from one class for all, one per sample, or None (unconditional)."""
+        if classes is None:
+            return None
+        if self.num_classes is None:
+            raise UserError(f"{self.source} is an unconditional model: it takes no class labels")
+        labels = torch.as_tensor(classes, dtype=torch.long).flatten()
+        if labels.numel() == 1:
+            labels = labels.expand(num).clone()
+        if labels.numel() != num:
+            raise UserError(f"got {labels.numel()} class labels for {num} samples")
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise UserError(f"class labels must lie in 0..{self.num_classes - 1}, got {sorted(set(labels.tolist()))}")
+        return labels
+
+    def guided_model(self, guidance: float) -> Any:
+        """The network with classifier-free guidance of weight ``guidance`` (1: the network itself)."""
+        if guidance == 1.0:
+            return self.model
+        if not self.can_guide:
+            raise UserError(f"guidance {guidance} needs a class-conditional model trained with label dropout "
+                            f"(a null class); {self.source} is not one")
+        return Guided(self.model, guidance, self.num_classes, prediction_channels=self.data_shape[0])
+
     def to(self, device: torch.device | str) -> Pipeline:
         """Move the network to ``device`` ("auto": CUDA, else MPS, else CPU); returns ``self``."""
         self.model.to(resolve_device(str(device)) if str(device) == "auto" else torch.device(device))
@@ -163,6 +201,8 @@ class Pipeline:
         seed: int = 0,
         batch_size: int = 64,
         clip_denoised: bool | None = None,
+        classes: int | Sequence[int] | torch.Tensor | None = None,
+        guidance: float = 1.0,
         progress: bool = False,
         **options: float,
     ) -> torch.Tensor:
@@ -170,6 +210,9 @@ class Pipeline:
 
         ``steps`` is the number of network evaluations (None: the sampler's default), ``spacing``
         the time grid (None: the sampler's default); ``options`` are the sampler's (e.g. ``eta``).
+        A class-conditional model samples class ``classes`` (one label for all, or one per sample;
+        None: unconditionally, with the null class) with classifier-free guidance ``guidance``
+        (0: unconditional, 1: conditional, more: sharper; one network call of 2B per evaluation).
         Sample i is drawn from its own seed (``seed``, i), so it does not depend on ``batch_size``
         or on how many processes share the work. Raises :class:`~ddpm.errors.UserError` if the
         network produces non-finite samples (broken weights).
@@ -177,6 +220,10 @@ class Pipeline:
         if num < 1 or batch_size < 1:
             raise UserError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
         clip = self.clip_denoised if clip_denoised is None else clip_denoised and self.is_image
+        labels = self.labels(classes, num)
+        if labels is None and guidance != 1.0:
+            raise UserError("guidance needs class labels (classes=...)")
+        model = self.guided_model(guidance)
         mine, per_rank = _my_share(num)
         chunks: Any = range(0, len(mine), batch_size)
         if progress and get_rank() == 0:
@@ -188,9 +235,9 @@ class Pipeline:
         for start in chunks:
             idx = mine[start : start + batch_size]
             x = sample(
-                self.diffusion, self.model, (len(idx), *self.data_shape), sampler=sampler, steps=steps,
+                self.diffusion, model, (len(idx), *self.data_shape), sampler=sampler, steps=steps,
                 spacing=spacing, clip_denoised=clip, generator=_generators(seed, idx, "sample", self.device),
-                device=self.device, **options,
+                device=self.device, y=None if labels is None else labels[idx], **options,
             )
             out.append(x.float().cpu())
         local = torch.cat(out) if out else torch.empty(0, *self.data_shape)
@@ -214,6 +261,8 @@ class Pipeline:
         spacing: Spacing | None = None,
         seed: int = 0,
         frames: int | None = 60,
+        classes: int | Sequence[int] | torch.Tensor | None = None,
+        guidance: float = 1.0,
         **options: float,
     ) -> torch.Tensor:
         """The reverse chain x_T -> x_0 of samples 0..num-1 as ``[F, num, *data_shape]`` (F frames, on the CPU).
@@ -221,10 +270,11 @@ class Pipeline:
         Sample i is the same as ``sample(...)[i]`` with the same arguments; not sharded.
         """
         idx = list(range(num))
+        labels = self.labels(classes, num)
         _, trajectory = sample(
-            self.diffusion, self.model, (num, *self.data_shape), sampler=sampler, steps=steps, spacing=spacing,
-            clip_denoised=self.clip_denoised, generator=_generators(seed, idx, "sample", self.device),
-            device=self.device, return_trajectory=True, trajectory_frames=frames, **options,
+            self.diffusion, self.guided_model(guidance), (num, *self.data_shape), sampler=sampler, steps=steps,
+            spacing=spacing, clip_denoised=self.clip_denoised, generator=_generators(seed, idx, "sample", self.device),
+            device=self.device, return_trajectory=True, trajectory_frames=frames, y=labels, **options,
         )
         return trajectory.float().cpu()
 
@@ -243,6 +293,7 @@ class Pipeline:
         seed: int = 0,
         batch_size: int = 32,
         respace: int | None = None,
+        labels: torch.Tensor | None = None,
         progress: bool = False,
     ) -> Bound:
         """The variational bound on ``images`` ``[N, C, H, W]`` in [-1, 1] (8-bit data), bits/dim.
@@ -250,12 +301,15 @@ class Pipeline:
         ``estimate=None`` evaluates all T terms per image; ``estimate=K`` is the unbiased importance
         estimate from K timesteps per image, with its standard error. ``respace=K`` bounds the
         respaced K-step model instead. Image i draws its noise (and timesteps) from its own seed.
+        For a class-conditional model, ``labels`` (the images' true classes) make it the bound on
+        -log p(x | y); without them it is the bound on -log p(x) of the null-class model.
         """
         if not self.is_image:
             raise UserError("the bound uses the 256-level decoder of 8-bit images; this model is for vectors")
         if tuple(images.shape[1:]) != self.data_shape:
             raise UserError(f"images of shape {list(images.shape[1:])} do not fit a model trained on "
                             f"{list(self.data_shape)}")
+        y_all = self.labels(labels, images.shape[0]) if labels is not None else None
         diffusion = self.diffusion if respace is None else self.diffusion.respaced(respace)
         T = diffusion.num_timesteps
         n = images.shape[0]
@@ -271,12 +325,13 @@ class Pipeline:
             x0 = images[idx].to(self.device, torch.float32)
             sl = slice(start, start + len(idx))
             gens = _generators(seed, idx, "nll", self.device)
+            y = None if y_all is None else y_all[idx].to(self.device)
             if estimate is None:
-                r = exact_bound(diffusion, self.model, x0, generator=gens, max_batch_size=max(batch_size, 256))
+                r = exact_bound(diffusion, self.model, x0, generator=gens, max_batch_size=max(batch_size, 256), y=y)
                 rows[sl, 0], rows[sl, 1], rows[sl, 4:] = r.total_bpd.cpu(), r.prior_bpd.cpu(), r.terms_bpd.cpu()
             else:
                 e = nll_estimate(diffusion, self.model, x0, estimate, generator=gens,
-                                 max_batch_size=max(batch_size, 256))
+                                 max_batch_size=max(batch_size, 256), y=y)
                 rows[sl, 0], rows[sl, 1], rows[sl, 2] = e.total_bpd.cpu(), e.prior_bpd.cpu(), e.stderr_bpd.cpu()
             rows[sl, 3] = 1.0
         if get_world_size() > 1:
@@ -285,7 +340,7 @@ class Pipeline:
         total = rows[:, 0]
         spread = float(total.std() / math.sqrt(len(total))) if len(total) > 1 else float("nan")
         common = {"total_bpd": float(total.mean()), "prior_bpd": float(rows[:, 1].mean()), "images": int(len(total)),
-                  "timesteps": T, "per_image_bpd": total}
+                  "timesteps": T, "per_image_bpd": total, "conditional": y_all is not None}
         if estimate is None:
             terms = rows[:, 4:]
             return Bound(**common, stderr_bpd=spread, mode="exact", decoder_bpd=float(terms[:, 0].mean()),

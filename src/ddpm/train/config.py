@@ -75,6 +75,9 @@ class ModelConfig:
     num_blocks: int | None = None  # MLP
     dropout: float | None = None  # both
     data_shape: tuple[int, ...] | None = None  # per-example shape the network is built for; set by `ddpm train`
+    class_cond: bool = False  # condition on the data's class labels (classifier-free guidance needs cond_drop > 0)
+    num_classes: int | None = None  # classes of a class-conditional network; set from the data by `ddpm train`
+    cond_drop: float = 0.1  # class-conditional training: share of labels replaced by the null class
 
 
 @dataclass
@@ -410,6 +413,9 @@ def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
     need(hf is None or 0 <= hf < 1, f"data.holdout_fraction={hf} must lie in [0, 1)")
     dropout = config.model.dropout
     need(dropout is None or 0 <= dropout < 1, f"model.dropout={dropout} must lie in [0, 1)")
+    need(0 <= config.model.cond_drop < 1, f"model.cond_drop={config.model.cond_drop} must lie in [0, 1)")
+    nc = config.model.num_classes
+    need(nc is None or nc >= 1, f"model.num_classes={nc} must be >= 1")
     per_rank_batch(config, world_size)
 
 
@@ -418,7 +424,8 @@ def model_overrides(model: ModelConfig) -> dict[str, Any]:
     return {
         f.name: getattr(model, f.name)
         for f in dataclasses.fields(model)
-        if f.name not in ("preset", "data_shape") and getattr(model, f.name) is not None
+        if f.name not in ("preset", "data_shape", "class_cond", "num_classes", "cond_drop")
+        and getattr(model, f.name) is not None
     }
 
 
