@@ -41,6 +41,7 @@ class Reference:
     extractor: Any = None  # maps images to features; has .predict for the digit classifier
     feature_info: dict[str, Any] | None = None
     log_density: Callable[[torch.Tensor], torch.Tensor] | None = None  # exact, for the 2-D mixture
+    labels: torch.Tensor | None = None  # the held-out images' classes, when the data has them
 
 
 def reference_data(pipe: Pipeline, data: str | None = None) -> DataConfig:
@@ -102,7 +103,8 @@ def make_reference(pipe: Pipeline, *, data: str | None = None, features: str = "
 
         extractor = InceptionV3Features(inception_weights, device=str(pipe.device))
         info = {"name": extractor.name, "fingerprint": extractor.fingerprint}
-    return Reference(images, extractor(images), f"{test.name} test split, {len(test)} images", extractor, info)
+    return Reference(images, extractor(images), f"{test.name} test split, {len(test)} images", extractor, info,
+                     labels=test.labels)
 
 
 def distances(samples: torch.Tensor, ref: Reference) -> dict[str, Any]:
@@ -136,6 +138,22 @@ def distances(samples: torch.Tensor, ref: Reference) -> dict[str, Any]:
     return out
 
 
+def balanced_labels(num: int, num_classes: int) -> torch.Tensor:
+    """Labels ``[num]`` cycling through the classes (sample i asks for class i mod K)."""
+    return torch.arange(num) % num_classes
+
+
+def label_accuracy(samples: torch.Tensor, requested: torch.Tensor, ref: Reference,
+                   num_classes: int) -> dict[str, Any]:
+    """How often the feature classifier assigns each sample to the class it was asked for, per class."""
+    if not hasattr(ref.extractor, "predict"):
+        return {}
+    hit = (ref.extractor.predict(samples).cpu() == requested).double()
+    by_class = [float(hit[requested == c].mean()) if (requested == c).any() else float("nan")
+                for c in range(num_classes)]
+    return {"label_accuracy": float(hit.mean()), "label_accuracy_by_class": [round(a, 4) for a in by_class]}
+
+
 def headline_metric(ref: Reference) -> tuple[str, str]:
     """(key in :func:`distances`, description) of the one number a sweep compares."""
     if ref.features is None:
@@ -148,16 +166,29 @@ def headline_metric(ref: Reference) -> tuple[str, str]:
 def evaluate(
     pipe: Pipeline, *, num: int, sampler: str = "ancestral", steps: int | None = None, spacing: str | None = None,
     seed: int = 0, batch_size: int = 100, data: str | None = None, features: str = "auto",
-    inception_weights: str | None = None, nll_images: int = 0, nll_terms: int = 40,
-    samples: torch.Tensor | None = None, reference: Reference | None = None, **options: float,
+    inception_weights: str | None = None, nll_images: int = 0, nll_terms: int = 40, guidance: float = 1.0,
+    guidance_scales: Sequence[float] = (), samples: torch.Tensor | None = None, reference: Reference | None = None,
+    **options: float,
 ) -> dict[str, Any]:
-    """Sample (unless ``samples`` are given), measure against held-out data, and return the eval card."""
+    """Sample (unless ``samples`` are given), measure against held-out data, and return the eval card.
+
+    A class-conditional model samples balanced classes (sample i asks for class i mod K) at
+    ``guidance``; the card then adds how often the feature classifier assigns each sample to its
+    class, and, for each of ``guidance_scales``, the distance and that accuracy on the same seeds.
+    Its bits/dim are of -log p(x | y) with the true labels.
+    """
     t0 = time.perf_counter()
     ref = reference or make_reference(pipe, data=data, features=features, inception_weights=inception_weights,
                                       seed=seed)
+    labels = balanced_labels(num if samples is None else samples.shape[0], pipe.num_classes) \
+        if pipe.num_classes else None
+
+    def draw(w: float) -> torch.Tensor:
+        return pipe.sample(num, sampler=sampler, steps=steps, spacing=spacing, seed=seed, batch_size=batch_size,
+                           classes=labels, guidance=w, **options)
+
     if samples is None:
-        samples = pipe.sample(num, sampler=sampler, steps=steps, spacing=spacing, seed=seed, batch_size=batch_size,
-                              **options)
+        samples = draw(guidance)
     card: dict[str, Any] = {
         "checkpoint": str(pipe.source), "checkpoint_hash": pipe.fingerprint(), "weights": pipe.weights,
         "num_samples": int(samples.shape[0]), "sampler": sampler,
@@ -165,11 +196,30 @@ def evaluate(
         "options": dict(options), "seed": seed, "reference": ref.description, "features": ref.feature_info or {},
         "metrics": distances(samples, ref),
     }
+    if labels is not None:
+        card["classes"] = f"balanced: sample i asks for class i mod {pipe.num_classes}, guidance {guidance}"
+        card["metrics"].update(label_accuracy(samples, labels, ref, pipe.num_classes))
+        if guidance_scales:
+            card["guidance_sweep"] = guidance_sweep(pipe, ref, draw, labels, guidance_scales)
     if pipe.is_image and nll_images > 0:
-        bound = pipe.nll(ref.images[:nll_images], estimate=nll_terms, batch_size=batch_size, seed=seed)
+        true_labels = None if labels is None or ref.labels is None else ref.labels[:nll_images]
+        bound = pipe.nll(ref.images[:nll_images], estimate=nll_terms, batch_size=batch_size, seed=seed,
+                         labels=true_labels)
         card["bits_per_dim"] = bound.to_dict()
     card["seconds"] = round(time.perf_counter() - t0, 1)
     return card
+
+
+def guidance_sweep(pipe: Pipeline, ref: Reference, draw: Callable[[float], torch.Tensor], labels: torch.Tensor,
+                   scales: Sequence[float]) -> list[dict[str, Any]]:
+    """Distance and label accuracy at each guidance weight, on the same seeds and labels."""
+    key, _ = headline_metric(ref)
+    rows = []
+    for w in scales:
+        x = draw(float(w))
+        rows.append({"guidance": float(w), "distance": distances(x, ref)[key],
+                     **label_accuracy(x, labels, ref, pipe.num_classes or 0)})
+    return rows
 
 
 def card_markdown(card: dict[str, Any]) -> str:
@@ -187,10 +237,15 @@ def card_markdown(card: dict[str, Any]) -> str:
     for key, value in card["metrics"].items():
         rows.append((key, ", ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else
                      (f"{value:.4g}" if isinstance(value, float) else str(value))))
+    if "classes" in card:
+        rows.append(("classes", card["classes"]))
+    for r in card.get("guidance_sweep", []):
+        acc = f", label accuracy {r['label_accuracy']:.3f}" if "label_accuracy" in r else ""
+        rows.append((f"guidance {r['guidance']:g}", f"distance {r['distance']:.3f}{acc}"))
     if "bits_per_dim" in card:
         b = card["bits_per_dim"]
-        rows.append(("bits/dim", f"{b['total_bpd']:.3f} +/- {b['stderr_bpd']:.3f} ({b['mode']}, {b['images']} "
-                                 f"held-out images, T={b['timesteps']})"))
+        rows.append(("bits/dim", f"{b['total_bpd']:.3f} +/- {b['stderr_bpd']:.3f} ({b['bound_on']}; {b['mode']}, "
+                                 f"{b['images']} held-out images, T={b['timesteps']})"))
     rows.append(("seconds", f"{card['seconds']:.0f}"))
     lines = ["| quantity | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"

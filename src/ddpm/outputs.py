@@ -83,8 +83,12 @@ def sample_files(formats: Sequence[str], *, is_image: bool) -> list[str]:
     return [names[f] for f in formats]
 
 
-def save_samples(x: torch.Tensor, out: Path, formats: Sequence[str], *, is_image: bool) -> list[Path]:
-    """Write samples in the requested formats (vectors: always ``samples.npz``); returns what was written."""
+def save_samples(x: torch.Tensor, out: Path, formats: Sequence[str], *, is_image: bool,
+                 nrow: int | None = None) -> list[Path]:
+    """Write samples in the requested formats (vectors: always ``samples.npz``); returns what was written.
+
+    ``nrow``: images per row of the grid (default: a square grid of the first 256).
+    """
     import numpy as np
 
     from ddpm import viz
@@ -101,7 +105,7 @@ def save_samples(x: torch.Tensor, out: Path, formats: Sequence[str], *, is_image
         np.savez_compressed(path, images=images.permute(0, 2, 3, 1).numpy())  # NHWC uint8
         written.append(path)
     if "grid" in formats:
-        written.append(viz.save_grid(x[:256], out / "grid.png"))
+        written.append(viz.save_grid(x if nrow else x[:256], out / "grid.png", nrow=nrow))
     if "png" in formats:
         from PIL import Image
 

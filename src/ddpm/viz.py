@@ -197,6 +197,25 @@ def save_sweep_plot(rows: Sequence[dict], path: str | Path, *, metric: str) -> P
     return path
 
 
+def save_guidance_plot(rows: Sequence[dict], path: str | Path, *, metric: str) -> Path:
+    """Quality (``row["distance"]``) against label accuracy, one point per guidance weight, annotated with w."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    acc = [r["label_accuracy"] for r in rows]
+    dist = [r["distance"] for r in rows]
+    ax.plot(acc, dist, marker="o")
+    for r in rows:
+        ax.annotate(f"w={r['guidance']:g}", (r["label_accuracy"], r["distance"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize="small")
+    ax.set_xlabel("label accuracy (classifier agrees with the requested class)")
+    ax.set_ylabel(metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def forward_chain(diffusion: GaussianDiffusion, x0: torch.Tensor, timesteps: Sequence[int], *,
                   seed: int = 0) -> torch.Tensor:
     """x_0 and x_t ~ q(x_t | x_0) at each of ``timesteps`` with one noise draw (the same static

@@ -62,6 +62,11 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def float_list(text: str) -> list[float]:
+    """Comma-separated finite numbers >= 0 (empty: none)."""
+    return [nonnegative_float(v) for v in text.split(",") if v.strip()]
+
+
 def name_list(valid: tuple[str, ...]) -> Any:
     """An argument type for a comma list of names from ``valid`` (``all`` = every one)."""
 
@@ -112,6 +117,27 @@ def add_sampler_flags(p: argparse.ArgumentParser, *, sampler: str, steps: int | 
     p.add_argument("--eta", type=nonnegative_float, default=None,
                    help="noise scale of samplers that have one (ddim: 0 = deterministic; default: the sampler's)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per network call")
+
+
+def class_choice(text: str) -> int | str:
+    """``--class``: a class label (an integer >= 0) or ``all``."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a class label (an integer) or 'all', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"class labels are >= 0, got {value}")
+    return value
+
+
+def add_class_flags(p: argparse.ArgumentParser, *, all_help: str) -> None:
+    """--class and --guidance of class-conditional models."""
+    p.add_argument("--class", dest="class_label", type=class_choice, default=None, metavar="LABEL|all",
+                   help=f"class-conditional models: the class to draw, or 'all' ({all_help}); default: unconditional")
+    p.add_argument("--guidance", type=nonnegative_float, default=1.0,
+                   help="classifier-free guidance weight w (0: unconditional, 1: conditional, more: sharper)")
 
 
 def sampler_options(args: argparse.Namespace) -> dict[str, float]:

@@ -11,6 +11,8 @@ from ddpm.cli.common import (
     add_output_flags,
     add_sampler_flags,
     default_out,
+    float_list,
+    nonnegative_float,
     nonnegative_int,
     positive_int,
     sampler_options,
@@ -34,6 +36,11 @@ def register(sub: Any) -> None:
     p.add_argument("--nll-images", type=nonnegative_int, default=100,
                    help="held-out images for the bits/dim estimate (0: skip)")
     p.add_argument("--nll-terms", type=positive_int, default=40, help="timesteps per image of the estimate")
+    p.add_argument("--guidance", type=nonnegative_float, default=1.0,
+                   help="class-conditional models: guidance weight of the card's samples (balanced classes)")
+    p.add_argument("--guidance-scales", type=float_list, default=[0.0, 1.0, 2.0, 4.0], metavar="W,...",
+                   help="class-conditional models: the guidance sweep (distance and label accuracy at each weight; "
+                        "empty to skip)")
     p.set_defaults(func=run)
 
 
@@ -49,8 +56,14 @@ def run(args: argparse.Namespace) -> int:
     card = evaluate(pipe, num=args.num, sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
                     batch_size=args.batch_size, data=args.data, features=args.features,
                     inception_weights=args.inception_weights,
-                    nll_images=args.nll_images, nll_terms=args.nll_terms, **sampler_options(args))
+                    nll_images=args.nll_images, nll_terms=args.nll_terms, guidance=args.guidance,
+                    guidance_scales=args.guidance_scales if pipe.can_guide else (), **sampler_options(args))
     write_json(out / "eval_card.json", card)
+    if card.get("guidance_sweep") and "label_accuracy" in card["guidance_sweep"][0]:
+        from ddpm import viz
+
+        viz.save_guidance_plot(card["guidance_sweep"], out / "guidance.png",
+                               metric=card["features"].get("name", "distance") + " Frechet distance")
     (out / "eval_card.md").write_text(card_markdown(card), encoding="utf-8")
     say(card_markdown(card))
     say(f"wrote {out / 'eval_card.json'} and {out / 'eval_card.md'}")

@@ -46,17 +46,24 @@ def run(args: argparse.Namespace) -> int:
         dataset = build_dataset(data_cfg, args.split)
         if dataset.kind != "image":
             raise UserError("the bound uses the 256-level decoder of 8-bit images; this data set holds vectors")
-        images = dataset.get_batch(torch.arange(min(args.num_images, len(dataset))))
+        index = torch.arange(min(args.num_images, len(dataset)))
+        images = dataset.get_batch(index)
+        labels = None
+        if pipe.num_classes is not None:  # a conditional model: the bound on -log p(x | y) with the true labels
+            if dataset.labels is None:
+                raise UserError(f"{pipe.source} is class-conditional but the data {data_cfg.dataset!r} has no labels")
+            labels = dataset.labels[index]
         t0 = time.perf_counter()
         bound = pipe.nll(images, estimate=args.estimate, seed=args.seed, batch_size=args.batch_size,
-                         respace=args.respace, progress=True)
+                         respace=args.respace, labels=labels, progress=True)
         if not is_main_process():
             return 0
         result = {**bound.to_dict(), "seconds": round(time.perf_counter() - t0, 2), "checkpoint": str(pipe.source),
                   "weights": args.weights, "data": data_cfg.dataset, "split": args.split,
                   "respaced_steps": args.respace}
         write_json(out / "nll.json", result)
-        say(f"bound on {bound.images} {args.split} images ({bound.mode}, T={bound.timesteps}):")
+        say(f"bound on {result['bound_on']} over {bound.images} {args.split} images ({bound.mode}, "
+            f"T={bound.timesteps}):")
         for key, label in (("total_bpd", "total"), ("stderr_bpd", "standard error"), ("prior_bpd", "L_T"),
                            ("kl_bpd", "sum of L_{t-1}"), ("decoder_bpd", "L_0")):
             value = getattr(bound, key)
