@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ddpm.data import ArrayDataset, load_dataset
+from ddpm.data import ArrayDataset, LazyImages, load_dataset
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.nn import MLP_PRESETS, PRESETS, MLPDenoiser, UNet, mlp_preset, unet_preset
 from ddpm.schedules import make_betas
@@ -23,8 +23,10 @@ UNET_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_res
 MLP_FIELDS = ("hidden", "num_blocks", "dropout")
 
 
-def build_dataset(cfg: DataConfig, split: Literal["train", "test"] = "train", *, seed: int = 0) -> ArrayDataset:
-    """Load one split of ``cfg.dataset`` into memory."""
+def build_dataset(
+    cfg: DataConfig, split: Literal["train", "test"] = "train", *, seed: int = 0
+) -> ArrayDataset | LazyImages:
+    """One split of ``cfg.dataset``: in memory, or on demand for large image data (``cfg.loader``)."""
     return load_dataset(
         cfg.dataset,
         split=split,
@@ -35,6 +37,10 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "test"] = "train", *,
         num_points=cfg.num_points,
         holdout_fraction=cfg.holdout_fraction,
         seed=seed,
+        loader=cfg.loader,
+        prepared_dir=Path(cfg.prepared_dir).expanduser() if cfg.prepared_dir else None,
+        cache_images=cfg.cache_images,
+        workers=cfg.workers,
     )
 
 

@@ -19,6 +19,7 @@ Weights = Literal["ema", "raw"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Amp = Literal["none", "bf16", "fp16"]
 EMAWarmup = Literal["none", "ratio", "power"]
+Loader = Literal["auto", "memory", "stream"]
 
 SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
@@ -30,6 +31,7 @@ WEIGHTS: tuple[str, ...] = get_args(Weights)
 DEVICES: tuple[str, ...] = get_args(Device)
 AMPS: tuple[str, ...] = get_args(Amp)
 EMA_WARMUPS: tuple[str, ...] = get_args(EMAWarmup)
+LOADERS: tuple[str, ...] = get_args(Loader)
 
 
 def check_choice(name: str, value: object, valid: tuple[str, ...] | object) -> None:

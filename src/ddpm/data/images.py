@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.errors import DataError
+
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
@@ -38,7 +40,7 @@ GREY_MODES: frozenset[str] = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16
 _MODE_FOR_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DataError):
     """An image file exists but cannot be decoded; the message names the file."""
 
 
@@ -48,6 +50,23 @@ def find_images(folder: Path) -> list[Path]:
         raise FileNotFoundError(f"image folder not found: {folder}")
     found = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def folder_labels(folder: Path, files: Sequence[Path]) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """Class labels from first-level sub-folders, or None when the folder is not laid out by class.
+
+    When every image sits somewhere under a first-level sub-folder and there are at least two of
+    them, the sorted sub-folder names are the classes: label i is `class_names[i]`. Images lying
+    directly in `folder`, or a single sub-folder (a mere container), mean "unlabelled".
+    """
+    parts = [p.relative_to(folder).parts for p in files]
+    if not parts or any(len(q) < 2 for q in parts):
+        return None
+    class_names = tuple(sorted({q[0] for q in parts}))
+    if len(class_names) < 2:
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    return np.array([index[q[0]] for q in parts], dtype=np.int64), class_names
 
 
 def _open(path: Path) -> PILImage.Image:
