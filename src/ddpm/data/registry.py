@@ -23,9 +23,10 @@ Loaders (`loader=`): "memory" decodes everything into one in-memory `ArrayDatase
 returns an on-demand data set (`ddpm.data.lazy`) that the trainer reads through DataLoader
 workers; "auto" streams folders, caches and `datasets` data sets whose decoded split would exceed
 `MEMORY_LOADER_MAX_BYTES`, and keeps everything else in memory. Built-in, downloaded, `.npy`/`.npz`
-and 2-D data are small and always in memory. A folder's up-to-date prepared cache (`ddpm.data.cache`)
-is used whichever loader reads it; a streamed folder without one gets one written first
-(`cache_images=True`), or is decoded file by file in the workers (`cache_images=False`).
+and 2-D data are small and always in memory. With `cache_images=True` (the default) a folder's up-to-date
+prepared cache (`ddpm.data.cache`) is used whichever loader reads it, and a streamed folder
+without one gets one written first; with `cache_images=False` caches are neither read nor
+written and a streamed folder is decoded file by file in the workers.
 Both paths give the same pixels and labels for the same indices.
 """
 
@@ -145,8 +146,9 @@ def load_dataset(
         loader: "auto", "memory" or "stream" (module docstring); applies to folders, prepared
             caches and `hf:` data sets.
         prepared_dir: where folder caches are looked up and written; None = `<cache_dir>/prepared`.
-        cache_images: streamed folders: write a prepared cache on first use and read it (True), or
-            decode every file in the DataLoader workers every epoch (False).
+        cache_images: folders: read an up-to-date prepared cache, and write one on first use when
+            streaming (True); or ignore caches and decode the files (False: streamed folders are
+            decoded in the DataLoader workers every epoch).
         workers: processes that build a folder's cache (None = `cache.default_workers()`).
     """
     if split not in SPLITS:
@@ -276,7 +278,9 @@ def _load_folder(folder: Path, split: Split, fraction: float, opts: ImageOptions
     first = images.first_decodable(files, skip_bad_images=opts.skip_bad_images)
     channels = opts.channels if opts.channels is not None else images.infer_channels(first)
     chosen = split_indices(len(files), fraction, split)
-    found = cache.find_cache(scan, image_size=opts.image_size, channels=channels, prepared_dir=opts.prepared_dir)
+    found = None
+    if opts.cache_images:
+        found = cache.find_cache(scan, image_size=opts.image_size, channels=channels, prepared_dir=opts.prepared_dir)
     if found is not None:
         return _from_cache(*found, chosen, split, opts, name=str(folder))
     side_h, side_w = (opts.image_size,) * 2 if opts.image_size is not None else (first.height, first.width)
