@@ -340,3 +340,63 @@ def test_hf_unreachable_hub_is_a_clear_error(tmp_path: Path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("DataError cannot load the datasets data set 'no-such-user/no-such-set'")
     assert "hub cache" in out and "save_to_disk" in out
+
+
+@pytest.fixture
+def hf_disk(folder: Path, tmp_path: Path) -> Path:
+    """The class folder as a `datasets` table with an Image and a ClassLabel column, saved to disk."""
+    files = sorted(folder.rglob("*.png"))
+    names = ["cat", "dog", "owl"]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    table = datasets.Dataset.from_dict(
+        {"image": [str(p) for p in files], "label": [names.index(p.parent.name) for p in files]}, features=features
+    )
+    table.save_to_disk(str(tmp_path / "hf-table"))
+    return tmp_path / "hf-table"
+
+
+def test_hf_stream_is_one_order_for_any_workers_ranks_and_restarts(hf_disk: Path, folder: Path):
+    stream = load_dataset(f"hf:{hf_disk}", image_size=SIZE, hf_streaming=True)
+    assert len(stream) == 27 and stream.class_names == ("cat", "dog", "owl")
+    one = BatchFeed(stream, batch_size=12, seed=5, workers=0)
+    two_workers = BatchFeed(stream, batch_size=12, seed=5, workers=2)
+    ranks = [BatchFeed(stream, batch_size=12, seed=5, rank=r, world_size=2, workers=0) for r in (0, 1)]
+    try:
+        batches = [one.get(k) for k in range(5)]  # 60 positions: epochs 0, 1 and part of 2
+        for k, expected in enumerate(batches):
+            assert torch.equal(two_workers.get(k).x0, expected.x0) and torch.equal(two_workers.get(k).y, expected.y)
+            parts = [feed.get(k) for feed in ranks]
+            assert torch.equal(torch.cat([p.x0 for p in parts]), expected.x0)
+        assert torch.equal(BatchFeed(stream, batch_size=12, seed=5, workers=1).get(3).x0, batches[3].x0)  # resume
+        # Each epoch is a permutation of the examples, labels travelling with their pixels.
+        memory = load_dataset(folder, image_size=SIZE, holdout_fraction=0)
+        x = torch.cat([b.x0 for b in batches])
+        y = torch.cat([b.y for b in batches])
+
+        def key(xs, ys):
+            return sorted((int(label), image.numpy().tobytes()) for image, label in zip(xs, ys, strict=True))
+
+        assert key(x[:27], y[:27]) == key(x[27:54], y[27:54]) == key(memory.get_batch(torch.arange(27)), memory.labels)
+        assert not torch.equal(x[:27], x[27:54])  # a fresh shuffle per epoch
+        assert not torch.equal(BatchFeed(stream, batch_size=12, seed=6, workers=0).get(0).x0, batches[0].x0)
+    finally:
+        for feed in (one, two_workers, *ranks):
+            feed.close()
+
+
+def test_hf_stream_bad_image_is_an_error_or_replaced_by_the_next(tmp_path: Path):
+    good = [np.full((8, 8, 3), 10 * i, np.uint8) for i in range(6)]
+    blobs = []
+    for i, pixels in enumerate(good):
+        path = save(tmp_path / f"{i}.png", pixels)
+        blobs.append({"bytes": path.read_bytes() if i != 2 else b"not a png", "path": None})
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": blobs}, features=features).save_to_disk(str(tmp_path / "bad"))
+    stream = load_dataset(f"hf:{tmp_path / 'bad'}", hf_streaming=True)
+    with pytest.raises(ImageDecodeError, match="cannot decode the image of stream position"):
+        BatchFeed(stream, batch_size=6, seed=0, workers=0).get(0)
+    skipping = load_dataset(f"hf:{tmp_path / 'bad'}", hf_streaming=True, skip_bad_images=True)
+    feed = BatchFeed(skipping, batch_size=6, seed=0, workers=0)
+    x = feed.get(0).x0
+    values = sorted(int(v) for v in ((x[:, 0, 0, 0] + 1) * 127.5).round())
+    assert 20 not in values and len(values) == 6 and len(feed.skipped_files) == 1  # image 2 replaced

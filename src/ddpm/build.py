@@ -41,6 +41,7 @@ def build_dataset(
         prepared_dir=Path(cfg.prepared_dir).expanduser() if cfg.prepared_dir else None,
         cache_images=cfg.cache_images,
         workers=cfg.workers,
+        hf_streaming=cfg.hf_streaming,
     )
 
 

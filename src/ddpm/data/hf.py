@@ -18,13 +18,22 @@ Splits: the training split is `split` from the spec (default "train"). The test 
 set's "test" split when the spec names no split and there is one, else a seeded 5% hold-out of the
 training split, as for folders.
 
+Streaming (`streaming=True`, for sets larger than the disk): the source is opened as a
+`datasets.IterableDataset` and becomes an `HFStream`, which has no random access. Its order is
+the stream's own: epoch e is the stream shuffled with a seed the trainer derives from (seed, e)
+(`datasets`' shard shuffle plus a `SHUFFLE_BUFFER` example buffer), and global batch k is
+positions [k B, (k + 1) B) of the concatenated epochs, sliced per process as usual (see
+`ddpm.train.feed`). Resuming, and equivalence of N processes with one, hold as for random-access
+data; the order differs from that of the same data read with random access. The number of
+examples must be known (the data set's split metadata, or `len` of a local table).
+
 `datasets` is optional (`pip install 'ddpm[hf]'`); a missing package or an unreachable hub is a
 `DataError` saying what is missing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +49,7 @@ if TYPE_CHECKING:
     from ddpm.data.registry import ImageOptions
 
 DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+SHUFFLE_BUFFER = 10_000  # examples in the streaming shuffle buffer
 IMAGE_COLUMN_NAMES = ("image", "img")
 LABEL_COLUMN_NAMES = ("label", "labels")
 
@@ -62,13 +72,20 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return source, split or None
 
 
-def open_source(source: str, *, cache_dir: Path | None = None) -> Any:
-    """The `datasets.Dataset` or `DatasetDict` named by `source` (see the module docstring)."""
+def open_source(source: str, *, cache_dir: Path | None = None, streaming: bool = False) -> Any:
+    """The `datasets.Dataset` or `DatasetDict` named by `source` (Iterable ones when streaming)."""
     datasets = _import_datasets()
     path = Path(source).expanduser()
     if path.is_dir() and any((path / m).is_file() for m in DISK_MARKERS):
-        return datasets.load_from_disk(str(path))
-    kwargs = {} if cache_dir is None else {"cache_dir": str(Path(cache_dir) / "huggingface")}
+        obj = datasets.load_from_disk(str(path))
+        if not streaming:
+            return obj
+        if isinstance(obj, datasets.DatasetDict):
+            return datasets.IterableDatasetDict({k: _as_stream(v) for k, v in obj.items()})
+        return _as_stream(obj)
+    kwargs: dict[str, Any] = {"streaming": streaming}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(Path(cache_dir) / "huggingface")
     try:
         return datasets.load_dataset(str(path) if path.is_dir() else source, **kwargs)
     except Exception as exc:  # the hub client raises many types when offline or the name is unknown
@@ -80,10 +97,17 @@ def open_source(source: str, *, cache_dir: Path | None = None) -> Any:
         ) from exc
 
 
+def _as_stream(table: Any) -> Any:
+    """A local table as a stream that still knows its length (tables saved to disk have no split metadata)."""
+    stream = table.to_iterable_dataset(num_shards=max(1, min(len(table), 64)))
+    stream._ddpm_length = len(table)
+    return stream
+
+
 def pick_split(obj: Any, split: str, *, source: str) -> Any:
     """One split of a `DatasetDict`, or the `Dataset` itself (which is taken as any split)."""
     datasets = _import_datasets()
-    if isinstance(obj, datasets.DatasetDict):
+    if isinstance(obj, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in obj:
             raise DataError(f"hf:{source} has no split {split!r}; its splits are {sorted(obj)}")
         return obj[split]
@@ -133,17 +157,9 @@ class HFImages(LazyImages):
         where = f"row {row} of {self.name}"
         try:
             img = self.table[row][self.image_column]
-            img.load()
-        except Exception as exc:  # PIL and datasets raise many types for a broken image
+        except Exception as exc:  # datasets raises many types for a broken image
             raise images.ImageDecodeError(f"cannot decode the image of {where}: {exc}") from exc
-        img = images.to_channels(img, self.channels)
-        if self.image_size is not None:
-            img = images.resize_center_crop(img, self.image_size)
-        pixels = images.pil_to_chw(img)
-        if pixels.shape != self.shape:
-            raise DataError(f"the image of {where} has shape {pixels.shape[1:]} but the data set's are "
-                            f"{self.shape[1:]}; pass image_size to resize and crop all images to one size")
-        return pixels
+        return _to_image(img, channels=self.channels, image_size=self.image_size, shape=self.shape, where=where)
 
     def read(self, indices: Sequence[int]) -> ImageBatch:
         out = np.empty((len(indices), *self.shape), dtype=np.uint8)
@@ -170,6 +186,107 @@ class HFImages(LazyImages):
         return ArrayDataset(batch.images, kind="image", name=self.name, split=self.split,  # type: ignore[arg-type]
                             labels=batch.labels, num_classes=self.num_classes, class_names=self.class_names,
                             skipped_files=tuple(dict.fromkeys(batch.skipped)))
+
+
+def _to_image(img: Any, *, channels: int, image_size: int | None, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A PIL image (or a `datasets` {"bytes", "path"} dict) through the folder rules to uint8 `[C, H, W]`."""
+    try:
+        if isinstance(img, dict):
+            import io
+
+            from PIL import Image
+
+            img = Image.open(io.BytesIO(img["bytes"]) if img.get("bytes") else img["path"])
+        img.load()
+    except Exception as exc:  # PIL and datasets raise many types for a broken image
+        raise images.ImageDecodeError(f"cannot decode the image of {where}: {exc}") from exc
+    img = images.to_channels(img, channels)
+    if image_size is not None:
+        img = images.resize_center_crop(img, image_size)
+    pixels = images.pil_to_chw(img)
+    if pixels.shape != shape:
+        raise DataError(f"the image of {where} has shape {pixels.shape[1:]} but the data set's are "
+                        f"{shape[1:]}; pass image_size to resize and crop all images to one size")
+    return pixels
+
+
+class HFStream:
+    """A streamed `datasets` data set without random access (see the module docstring).
+
+    `epoch(seed)` iterates one shuffled pass of raw examples (images not decoded); `decode(example,
+    position)` turns one into uint8 pixels and a label. `ddpm.train.feed` does the positioning.
+    """
+
+    kind = "image"
+    streamed = True
+    iterable = True
+
+    def __init__(self, stream: Any, *, length: int, image_column: str, label_column: str | None,
+                 class_names: tuple[str, ...] | None, channels: int, image_size: int | None,
+                 shape: tuple[int, int, int], name: str, split: str, skip_bad_images: bool = False) -> None:
+        datasets = _import_datasets()
+        self.stream = stream.cast_column(image_column, datasets.Image(decode=False))
+        self.length, self.image_column, self.label_column = length, image_column, label_column
+        self.class_names = class_names
+        self.num_classes = None if label_column is None else (len(class_names) if class_names else None)
+        self.labels = None  # not known without reading the stream
+        self.channels, self.image_size, self.shape = channels, image_size, tuple(shape)
+        self.name, self.split, self.skip_bad_images = name, split, skip_bad_images
+        self.skipped_files: tuple[str, ...] = ()
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def epoch(self, seed: int) -> Iterator[dict[str, Any]]:
+        """The raw examples of one pass, shuffled by `seed` (a 32-bit value)."""
+        shuffled = self.stream.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+        # `.iter` rather than `iter()`: inside a DataLoader worker, `datasets` would otherwise read only
+        # that worker's shards, and every worker must see the whole order (`ddpm.train.feed`).
+        for batch in shuffled.iter(batch_size=64):
+            columns = list(batch)
+            yield from (dict(zip(columns, row, strict=True)) for row in zip(*batch.values(), strict=True))
+
+    def decode(self, example: dict[str, Any], position: int) -> tuple[np.ndarray, int | None]:
+        """uint8 `[C, H, W]` pixels and the label of one raw example (`position` names it in errors)."""
+        pixels = _to_image(example[self.image_column], channels=self.channels, image_size=self.image_size,
+                           shape=self.shape, where=f"stream position {position} of {self.name}")
+        return pixels, None if self.label_column is None else int(example[self.label_column])
+
+    def get_batch(self, indices: Any) -> Any:
+        raise DataError(f"{self.name} is streamed: it has no random access (train on it, or evaluate on a table)")
+
+    def __repr__(self) -> str:
+        return f"HFStream(name={self.name!r}, split={self.split!r}, len={len(self)}, shape={self.shape})"
+
+
+def _stream_length(stream: Any, split: str, *, spec: str) -> int:
+    length = getattr(stream, "_ddpm_length", None)
+    splits = getattr(stream.info, "splits", None) or {}
+    if length is None and split in splits and splits[split].num_examples:
+        length = int(splits[split].num_examples)
+    if not length:
+        raise DataError(f"hf:{spec}: streaming needs the number of examples, which the data set's metadata "
+                        "does not give; download it and read it as a table instead")
+    return length
+
+
+def load_hf_stream(spec: str, *, split: str, options: ImageOptions, cache_dir: Path | None = None) -> HFStream:
+    """One split of `hf:spec` in streaming mode; "test" must be a split of the data set (no hold-out of a stream)."""
+    source, named_split = parse_spec(spec)
+    obj = open_source(source, cache_dir=cache_dir, streaming=True)
+    name = (named_split or "train") if split == "train" else "test"
+    if split == "test" and named_split is not None:
+        raise DataError(f"hf:{spec} is streamed with one named split; a stream cannot be split into train and test")
+    stream = pick_split(obj, name, source=source)
+    image_column, label_column, class_names = image_and_label_columns(stream, source=source)
+    first = next(iter(stream))[image_column]
+    channels = options.channels if options.channels is not None else images.infer_channels(first)
+    size = options.image_size
+    shape = (channels, size, size) if size is not None else (channels, first.height, first.width)
+    return HFStream(stream, length=_stream_length(stream, name, spec=spec), image_column=image_column,
+                    label_column=label_column, class_names=class_names, channels=channels, image_size=size,
+                    shape=shape, name=f"hf:{spec}", split=split, skip_bad_images=options.skip_bad_images)
 
 
 def load_hf_dataset(spec: str, *, split: str, holdout_fraction: float | None, options: ImageOptions,

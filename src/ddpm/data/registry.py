@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from ddpm.data.arrays import (
     vectors_to_float,
 )
 from ddpm.data.lazy import LazyImages
+
+if TYPE_CHECKING:
+    from ddpm.data.hf import HFStream
 from ddpm.data.stream import FolderImages
 from ddpm.errors import DataError
 
@@ -122,7 +125,8 @@ def load_dataset(
     prepared_dir: Path | None = None,
     cache_images: bool = True,
     workers: int | None = None,
-) -> ArrayDataset | LazyImages:
+    hf_streaming: bool = False,
+) -> ArrayDataset | LazyImages | HFStream:
     """Load one split of a dataset, in memory or on demand (see the module docstring).
 
     Args:
@@ -150,6 +154,8 @@ def load_dataset(
             streaming (True); or ignore caches and decode the files (False: streamed folders are
             decoded in the DataLoader workers every epoch).
         workers: processes that build a folder's cache (None = `cache.default_workers()`).
+        hf_streaming: `hf:` only: open the data set as a stream (`ddpm.data.hf.HFStream`), for sets
+            larger than the disk; its order is the stream's, and "test" must be a split of it.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -163,6 +169,8 @@ def load_dataset(
         _reject_options(spec, num_points=num_points, array_key=array_key, standardize=standardize or None)
         from ddpm.data import hf
 
+        if hf_streaming:
+            return hf.load_hf_stream(spec[len(HF_PREFIX):], split=split, options=opts, cache_dir=cache_dir)
         return hf.load_hf_dataset(spec[len(HF_PREFIX):], split=split, holdout_fraction=holdout_fraction,
                                   options=opts, cache_dir=cache_dir)
     name = resolve_name(spec) if isinstance(spec, str) else None
@@ -176,7 +184,7 @@ def load_dataset(
             standardize=standardize or None,
         )
         return _load_toy(name, split, num_points=num_points, seed=seed)
-    _reject_options(str(spec), num_points=num_points)
+    _reject_options(str(spec), num_points=num_points, hf_streaming=hf_streaming or None)
     if name is not None:
         _reject_options(name, standardize=standardize or None, array_key=array_key)
         if name in STANDARD_NAMES:

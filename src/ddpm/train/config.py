@@ -58,6 +58,7 @@ class DataConfig:
     workers: int | None = None  # DataLoader workers per process (and cache builders); None = from the CPUs
     prepared_dir: str | None = None  # where folders' prepared caches live; None = <cache dir>/prepared
     cache_images: bool = True  # streamed folders: write a prepared cache once and read it (false: decode files)
+    hf_streaming: bool = False  # hf: data sets: read as a stream (for sets larger than the disk)
 
 
 @dataclass

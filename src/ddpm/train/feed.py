@@ -15,6 +15,13 @@ Two ways of reading, giving the same tensors for the same step and rank:
   this process's share of each batch is read, so no process holds the data set.
 
 A batch asked for out of turn (the first one, or after a resume) restarts the sampler there.
+
+A stream without random access (``dataset.iterable``, ``ddpm.data.hf.HFStream``) has its own
+order: epoch ``e`` is the stream shuffled with the seed ``(seed, "data", e)``, and global batch
+``k`` is positions ``[k B, (k + 1) B)`` of the concatenated epochs. Worker ``w`` of ``W`` reads the
+stream and decodes only this process's share of steps ``start + w``, ``start + w + W``, ...; the
+DataLoader hands them over in step order. With ``skip_bad_images`` an undecodable example is
+replaced by the next decodable one in stream order, whoever's it is.
 Undecodable files met with ``skip_bad_images`` are counted in ``skipped_files`` and logged.
 """
 
@@ -26,14 +33,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
 from ddpm.data.arrays import ImageBatch, uint8_to_float
+from ddpm.data.images import ImageDecodeError
 from ddpm.errors import DataError
 from ddpm.train.distributed import shard_indices
-from ddpm.train.seeding import seeded_generator
+from ddpm.train.seeding import derive_seed, seeded_generator
 
 logger = logging.getLogger("ddpm.train")
 
@@ -141,8 +150,16 @@ class BatchFeed:
         return item
 
     def _make_loader(self, start: int) -> DataLoader:
-        """The DataLoader, created once (its workers persist); its sampler restarts at ``start``."""
-        if self._loader is None:
+        """The DataLoader, created once (its workers persist); its sampler restarts at ``start``.
+
+        A stream gets a new DataLoader (and workers) at each restart: its position lives in them.
+        """
+        if getattr(self.dataset, "iterable", False):
+            view = _StreamView(self.dataset, batch_size=self.batch_size, part=self.part, seed=self.seed, start=start)
+            extra = {"prefetch_factor": self.prefetch} if self.workers > 0 else {}
+            self._loader = DataLoader(view, batch_size=None, collate_fn=_as_is, num_workers=self.workers,
+                                      pin_memory=self.device.type == "cuda", **extra)
+        elif self._loader is None:
             self._sampler = _StepSampler(self, start)
             extra: dict[str, Any] = {}
             if self.workers > 0:
@@ -206,6 +223,63 @@ class _ReadView:
             return self.dataset.read(indices)
         except DataError as exc:
             return _ReadFailure(type(exc), str(exc))
+
+
+class _StreamView(IterableDataset):
+    """What a worker of a stream runs: its steps' shares of the stream, in step order (module docstring)."""
+
+    def __init__(self, dataset: Any, *, batch_size: int, part: slice, seed: int, start: int) -> None:
+        self.dataset, self.batch_size, self.part, self.seed, self.start = dataset, batch_size, part, seed, start
+
+    def __iter__(self) -> Iterator[ImageBatch | _ReadFailure]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        try:
+            yield from self._batches(self.start + worker, num_workers)
+        except DataError as exc:
+            yield _ReadFailure(type(exc), str(exc))
+
+    def _batches(self, step: int, stride: int) -> Iterator[ImageBatch]:
+        ds, bs, n = self.dataset, self.batch_size, len(self.dataset)
+        lo, hi = self.part.start, self.part.stop
+        filled: dict[int, tuple[Any, int | None]] = {}  # slot j of the batch -> (pixels, label)
+        waiting: list[int] = []  # slots whose example was undecodable: the next decodable one fills them
+        skipped: list[str] = []
+        epoch = step * bs // n
+        while True:
+            count = 0
+            for i, example in enumerate(ds.epoch(derive_seed(self.seed, "data", epoch) % 2**32)):
+                count += 1
+                position = epoch * n + i
+                k, j = divmod(position, bs)
+                ours = k == step and lo <= j < hi
+                if not (ours or waiting):
+                    continue
+                try:
+                    decoded = ds.decode(example, position)
+                except ImageDecodeError as exc:
+                    if not ds.skip_bad_images:
+                        raise
+                    if ours:
+                        waiting.append(j)
+                        skipped.append(str(exc))
+                    continue
+                filled.update({slot: decoded for slot in waiting})
+                waiting.clear()
+                if ours:
+                    filled[j] = decoded
+                if len(filled) == hi - lo:
+                    yield _stack([filled[j] for j in range(lo, hi)], tuple(skipped))
+                    filled, skipped, step = {}, [], step + stride
+            if count != n:
+                raise DataError(f"{ds.name}: a pass over the stream gave {count} examples, its metadata says {n}")
+            epoch += 1
+
+
+def _stack(items: list[tuple[Any, int | None]], skipped: tuple[str, ...]) -> ImageBatch:
+    pixels = torch.from_numpy(np.stack([p for p, _ in items]))
+    labels = None if items[0][1] is None else torch.tensor([y for _, y in items], dtype=torch.int64)
+    return ImageBatch(pixels, labels, skipped)
 
 
 def _as_is(batch: Any) -> Any:
