@@ -27,8 +27,8 @@ from ddpm.data import (
     ImageDecodeError,
     MappedImages,
     load_dataset,
+    options,
     prepare_cache,
-    registry,
 )
 from ddpm.data import cache as cache_mod
 from ddpm.errors import DataError
@@ -100,7 +100,7 @@ def test_every_path_gives_the_same_pixels_and_labels(folder: Path, tmp_path: Pat
 
 def test_loader_auto_streams_past_the_memory_limit(folder: Path, monkeypatch: pytest.MonkeyPatch):
     assert isinstance(load_dataset(folder, image_size=SIZE), ArrayDataset)
-    monkeypatch.setattr(registry, "MEMORY_LOADER_MAX_BYTES", 3 * SIZE * SIZE * 10)  # 10 images' worth
+    monkeypatch.setattr(options, "MEMORY_LOADER_MAX_BYTES", 3 * SIZE * SIZE * 10)  # 10 images' worth
     assert isinstance(load_dataset(folder, image_size=SIZE, cache_images=False), FolderImages)
     assert isinstance(load_dataset(folder, split="test", image_size=SIZE, cache_images=False), ArrayDataset)
     with pytest.raises(ValueError, match="unknown loader 'disk'; valid: 'auto', 'memory', 'stream'"):

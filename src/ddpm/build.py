@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ddpm.data import ArrayDataset, LazyImages, load_dataset
+from ddpm.data.hf import HFStream
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.nn import MLP_PRESETS, PRESETS, MLPDenoiser, UNet, mlp_preset, unet_preset
 from ddpm.schedules import make_betas
@@ -25,7 +26,7 @@ MLP_FIELDS = ("hidden", "num_blocks", "dropout")
 
 def build_dataset(
     cfg: DataConfig, split: Literal["train", "test"] = "train", *, seed: int = 0
-) -> ArrayDataset | LazyImages:
+) -> ArrayDataset | LazyImages | HFStream:
     """One split of ``cfg.dataset``: in memory, or on demand for large image data (``cfg.loader``)."""
     return load_dataset(
         cfg.dataset,

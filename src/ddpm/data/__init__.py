@@ -20,7 +20,8 @@ from ddpm.data.arrays import ArrayDataset, ImageBatch, float_to_uint8, uint8_to_
 from ddpm.data.cache import CacheError, MappedImages, default_prepared_dir, prepare_cache
 from ddpm.data.images import IMAGE_EXTENSIONS, ImageDecodeError, random_hflip
 from ddpm.data.lazy import LazyImages
-from ddpm.data.registry import ALIASES, DATASET_NAMES, MEMORY_LOADER_MAX_BYTES, load_dataset
+from ddpm.data.options import MEMORY_LOADER_MAX_BYTES
+from ddpm.data.registry import ALIASES, DATASET_NAMES, load_dataset
 from ddpm.data.standard import (
     ChecksumError,
     DownloadError,

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,10 +43,8 @@ import torch
 from ddpm.data import images
 from ddpm.data.arrays import ArrayDataset, ImageBatch
 from ddpm.data.lazy import LazyImages
+from ddpm.data.options import FILE_HOLDOUT_FRACTION, ImageOptions, split_indices
 from ddpm.errors import DataError
-
-if TYPE_CHECKING:
-    from ddpm.data.registry import ImageOptions
 
 DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 SHUFFLE_BUFFER = 10_000  # examples in the streaming shuffle buffer
@@ -292,8 +290,6 @@ def load_hf_stream(spec: str, *, split: str, options: ImageOptions, cache_dir: P
 def load_hf_dataset(spec: str, *, split: str, holdout_fraction: float | None, options: ImageOptions,
                     cache_dir: Path | None = None) -> ArrayDataset | HFImages:
     """One split of `hf:spec` (without the prefix) as an on-demand or in-memory image data set."""
-    from ddpm.data.registry import FILE_HOLDOUT_FRACTION, split_indices
-
     source, named_split = parse_spec(spec)
     obj = open_source(source, cache_dir=cache_dir)
     fraction = FILE_HOLDOUT_FRACTION if holdout_fraction is None else holdout_fraction

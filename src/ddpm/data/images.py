@@ -4,9 +4,12 @@ A folder is read recursively; files whose extension (any case) is in `IMAGE_EXTE
 images, in sorted order of their path relative to the folder. Every image is decoded with
 Pillow, converted to the dataset's channel count, resized so its shorter side equals
 `image_size` (bicubic; Pillow's resampling filters are antialiased when shrinking) and
-centre-cropped to `image_size x image_size`. The whole folder is held in memory as uint8,
-`N * C * S * S` bytes (100k RGB 64x64 images: 1.2 GB); for larger sets, convert once to a
-uint8 `.npy` and memory-map it, or write a lazy dataset that calls `load_image` per item.
+centre-cropped to `image_size x image_size`. In memory a folder takes `N * C * S * S` bytes
+(100k RGB 64x64 images: 1.2 GB); larger ones are streamed: decoded per batch with `load_image`
+(`ddpm.data.stream`) or written once to a memory-mapped cache (`ddpm.data.cache`).
+
+Labels: when every image sits under a first-level sub-folder and there are at least two, the
+sorted sub-folder names are the classes (`folder_labels`).
 
 Channel rule: `channels` when given, else inferred from the first image in sorted order:
 1 for grey modes (L, LA, I, I;16, F, 1), else 3. Conversion then follows Pillow: colour to grey

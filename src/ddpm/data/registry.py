@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -54,6 +52,13 @@ from ddpm.data.arrays import (
     vectors_to_float,
 )
 from ddpm.data.lazy import LazyImages
+from ddpm.data.options import (
+    FILE_HOLDOUT_FRACTION,
+    SPLIT_SEED,
+    ImageOptions,
+    Split,
+    split_indices,
+)
 
 if TYPE_CHECKING:
     from ddpm.data.hf import HFStream
@@ -62,7 +67,6 @@ from ddpm.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-Split = Literal["train", "test"]
 SPLITS: tuple[str, ...] = ("train", "test")
 STANDARD_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10")
 DATASET_NAMES: tuple[str, ...] = builtin.BUILTIN_IMAGE_NAMES + toy2d.TOY_NAMES + STANDARD_NAMES
@@ -74,31 +78,9 @@ ALIASES: dict[str, str] = {
     "cifar-10": "cifar10",
     "cifar": "cifar10",
 }
-FILE_HOLDOUT_FRACTION = 0.05
-SPLIT_SEED = 0
 DEFAULT_TOY_POINTS = 10_000
 NUM_CLASSES = 10  # every built-in and standard image set has 10 classes
-MEMORY_LOADER_MAX_BYTES = 1 << 30  # loader="auto" streams image splits larger than this (1 GiB decoded)
 HF_PREFIX = "hf:"
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """How image files become examples; the image-related arguments of `load_dataset`."""
-
-    image_size: int | None = None
-    channels: int | None = None
-    skip_bad_images: bool = False
-    loader: Loader = "auto"
-    prepared_dir: Path | None = None  # where folder caches live; None = default_prepared_dir(cache_dir)
-    cache_images: bool = True
-    workers: int | None = None  # processes for building a cache
-
-    def choose_loader(self, count: int, example_shape: Sequence[int]) -> Literal["memory", "stream"]:
-        """The resolved loader for `count` uint8 examples of `example_shape` (see the module docstring)."""
-        if self.loader != "auto":
-            return self.loader
-        return "stream" if count * int(np.prod(example_shape)) > MEMORY_LOADER_MAX_BYTES else "memory"
 
 
 def resolve_name(spec: str) -> str | None:
@@ -267,14 +249,6 @@ def _load_toy(name: str, split: Split, *, num_points: int | None, seed: int) -> 
     generator = torch.Generator().manual_seed(_split_seed(seed, split))
     points = toy2d.sample_toy(name, n, generator=generator)
     return ArrayDataset(points, kind="vector", name=name, split=split, log_density=toy2d.toy_log_density(name))
-
-
-def split_indices(n: int, fraction: float, split: Split) -> np.ndarray:
-    """The sorted indices of `split` among `n` files or rows (seeded hold-out, see the module docstring)."""
-    if fraction == 0.0:
-        return np.arange(n)
-    train_idx, test_idx = random_holdout(n, fraction, seed=SPLIT_SEED)
-    return train_idx if split == "train" else test_idx
 
 
 def _load_folder(folder: Path, split: Split, fraction: float, opts: ImageOptions) -> ArrayDataset | LazyImages:
