@@ -32,6 +32,7 @@ Both paths give the same pixels and labels for the same indices.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -59,11 +60,11 @@ from ddpm.data.options import (
     Split,
     split_indices,
 )
+from ddpm.data.stream import FolderImages
+from ddpm.errors import DataError
 
 if TYPE_CHECKING:
     from ddpm.data.hf import HFStream
-from ddpm.data.stream import FolderImages
-from ddpm.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +258,8 @@ def _load_folder(folder: Path, split: Split, fraction: float, opts: ImageOptions
     if not files:
         extensions = ", ".join(sorted(images.IMAGE_EXTENSIONS))
         raise DataError(f"no image files ({extensions}) found under {folder}")
-    first = images.first_decodable(files, skip_bad_images=opts.skip_bad_images)
+    # Any decodable image gives the shape; with channels to infer, a bad first file stays an error.
+    first = images.first_decodable(files, skip_bad_images=opts.skip_bad_images or opts.channels is not None)
     channels = opts.channels if opts.channels is not None else images.infer_channels(first)
     chosen = split_indices(len(files), fraction, split)
     found = None
@@ -293,7 +295,7 @@ def _load_folder(folder: Path, split: Split, fraction: float, opts: ImageOptions
 
 
 def _load_prepared(path: Path, split: Split, fraction: float, opts: ImageOptions) -> ArrayDataset | LazyImages:
-    """A prepared cache named directly (e.g. made by `ddpm prepare` on another node)."""
+    """A prepared cache named directly (e.g. made by `ddpm prepare` on another node), used as it is."""
     try:
         manifest = cache.read_manifest(path)
     except cache.CacheError:
@@ -307,8 +309,6 @@ def _load_prepared(path: Path, split: Split, fraction: float, opts: ImageOptions
 
 def _rebuild_from_source(path: Path) -> cache.Manifest:
     """Rebuild an incomplete prepared cache from its source folder, when that folder is at hand."""
-    import json
-
     try:
         raw = json.loads((path / cache.MANIFEST_NAME).read_text(encoding="utf-8"))
         source, image_size, channels = Path(raw["source"]), raw["image_size"], int(raw["channels"])
