@@ -7,10 +7,10 @@ never in the repository) it measures:
 2. second-run start-up: a fresh process from interpreter start to the first batch of step 0 on the
    device, through the whole path of a run (import, folder scan + cache check, `ddpm-cifar10`-sized
    network, `Trainer`, DataLoader workers); the step's own compute is not included;
-3. resident memory per process while streaming from the cache, for 5k, 10k and 20k images, against
-   the in-memory loader: proportional set size (Pss: each shared page divided among the processes
-   that map it, so forked workers are not counted twice), split into anonymous memory and file
-   pages (the mapped cache, shared through the page cache and reclaimable);
+3. memory per process while streaming from the cache, for 5k, 10k and 20k images, against the
+   in-memory loader: the main process's anonymous memory, the workers' private dirty pages (what
+   they add beyond their copy-on-write share of the main process), and Rss (which adds file pages:
+   libraries and the touched pages of the mapped cache, shared and reclaimable);
 4. loader throughput in images/s through `BatchFeed` (batches of 128, this process's share of a run)
    for the mapped cache and for PNGs decoded per batch in workers, against the training throughput of
    the `ddpm-cifar10` preset (32x32, forward + backward + AdamW) on the same machine.
@@ -105,13 +105,12 @@ def process_age() -> float:
 
 
 def _memory_kib(pid: int | str = "self") -> dict[str, int]:
-    """Rss, Pss (shared pages divided among their users) and its anonymous and file parts, in KiB."""
-    fields = {}
+    """Rss, Anonymous (all anonymous pages mapped, shared or not) and Private_Dirty, in KiB."""
+    raw = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         key, _, value = line.partition(":")
-        if key in ("Rss", "Pss", "Pss_Anon", "Pss_File"):
-            fields[key] = int(value.split()[0])
-    return fields
+        raw[key] = int(value.split()[0])
+    return {"Rss": raw["Rss"], "Anon": raw["Anonymous"], "Dirty": raw["Private_Dirty"]}
 
 
 def _children_pids() -> list[int]:
@@ -171,7 +170,7 @@ def child_memory(spec: str, loader: str, prepared_dir: str, image_size: int, bat
     workers_kib = [_memory_kib(pid) for pid in _children_pids()]
     feed.close()
     return {"n": len(ds), "kind": type(ds).__name__, "main": main,
-            "workers_pss_kib": sum(w["Pss"] for w in workers_kib), "num_workers": len(workers_kib)}
+            "workers_dirty_kib": sum(w["Dirty"] for w in workers_kib), "num_workers": len(workers_kib)}
 
 
 def child_throughput(spec: str, loader: str, cache_images: bool, prepared_dir: str, image_size: int, batch: int,
@@ -332,15 +331,18 @@ def render(args, folder, build, startup, memory, throughput, train, took) -> str
         "",
         f"## 3. Memory per process after {args.batches} batches of {args.batch} (MiB, from /proc/PID/smaps_rollup)",
         "",
-        "| images | loader | data set | main Pss_Anon | main Pss_File | main Pss | main Rss | workers' Pss (sum) |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| images | loader | data set | main anonymous | workers' private dirty (sum) | main Rss |",
+        "| ---: | --- | --- | ---: | ---: | ---: |",
         *[f"| {m['n']} | {'stream, 2 workers' if m['kind'] != 'ArrayDataset' else 'memory'} | {m['kind']} | "
-          f"{m['main']['Pss_Anon'] * mib:.0f} | {m['main']['Pss_File'] * mib:.0f} | {m['main']['Pss'] * mib:.0f} | "
-          f"{m['main']['Rss'] * mib:.0f} | {m['workers_pss_kib'] * mib:.0f} ({m['num_workers']}) |" for m in memory],
+          f"{m['main']['Anon'] * mib:.0f} | {m['workers_dirty_kib'] * mib:.0f} ({m['num_workers']}) | "
+          f"{m['main']['Rss'] * mib:.0f} |" for m in memory],
         "",
-        "Pss divides every shared page among the processes mapping it, so forked workers' copy-on-write pages "
-        "are not counted twice; Pss_File is mapped files (torch's libraries; for the mapped cache, the rows "
-        "touched), which the kernel shares and may drop.",
+        "Main anonymous: all anonymous memory the training process maps (torch itself is ~160 MiB of it), "
+        "the measure that does not depend on how pages are shared with forked workers. Workers' private "
+        "dirty: what the workers add beyond the pages they share copy-on-write with the main process. Rss "
+        "also counts file pages: torch's libraries and, when streaming, the pages of the mapped cache the "
+        "process touched (with their read-around neighbours), which the page cache shares among all "
+        "processes and drops under memory pressure.",
         "",
         f"## 4. Loader throughput (`BatchFeed`, batches of {args.batch} at {args.size}x{args.size}) "
         "against training",
