@@ -200,7 +200,8 @@ def test_export_and_every_command_on_a_diffusers_folder(trained_run: Path, tmp_p
                                                         capsys: pytest.CaptureFixture) -> None:
     export = tmp_path / "export"
     assert main(["export", str(trained_run), str(export)]) == 0
-    assert (export / "model_index.json").is_file() and (export / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (export / "model_index.json").is_file()
+    assert (export / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert main(["export", str(trained_run), str(export)]) == 2  # never over an earlier export
     assert "not empty" in capsys.readouterr().err
     a, b = tmp_path / "a", tmp_path / "b"
@@ -209,7 +210,8 @@ def test_export_and_every_command_on_a_diffusers_folder(trained_run: Path, tmp_p
     assert main(["sample", str(export), "--out", str(b), *common]) == 0
     np.testing.assert_array_equal(np.load(a / "samples.npz")["images"], np.load(b / "samples.npz")["images"])
     data = write_folder(tmp_path / "data")
-    assert main(["nll", str(export), "-n", "2", "--estimate", "4", "--out", str(tmp_path / "n"), "--device", "cpu"]) == 2
+    nll = ["nll", str(export), "-n", "2", "--estimate", "4", "--out", str(tmp_path / "n"), "--device", "cpu"]
+    assert main(nll) == 2
     assert "pass --data" in capsys.readouterr().err
     assert main(["nll", str(export), "--data", str(data), "--split", "train", "-n", "2", "--estimate", "4",
                  "--out", str(tmp_path / "n"), "--device", "cpu"]) == 0

@@ -12,7 +12,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ddpm.data import ArrayDataset, load_dataset
+from ddpm.data import ArrayDataset, LazyImages, load_dataset
+from ddpm.data.hf import HFStream
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError, DataError, UserError
 from ddpm.nn import MLP_PRESETS, PRESETS, MLPDenoiser, UNet, mlp_preset, unet_preset
@@ -24,8 +25,13 @@ UNET_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_res
 MLP_FIELDS = ("hidden", "num_blocks", "dropout")
 
 
-def build_dataset(cfg: DataConfig, split: Literal["train", "test"] = "train", *, seed: int = 0) -> ArrayDataset:
-    """Load one split of ``cfg.dataset`` into memory; problems with the data are :class:`DataError`."""
+def build_dataset(
+    cfg: DataConfig, split: Literal["train", "test"] = "train", *, seed: int = 0
+) -> ArrayDataset | LazyImages | HFStream:
+    """One split of ``cfg.dataset``: in memory, or on demand for large image data (``cfg.loader``).
+
+    Problems with the data are :class:`~ddpm.errors.DataError`.
+    """
     try:
         return _load(cfg, split, seed)
     except UserError:
@@ -34,7 +40,7 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "test"] = "train", *,
         raise DataError(str(exc)) from exc
 
 
-def _load(cfg: DataConfig, split: Literal["train", "test"], seed: int) -> ArrayDataset:
+def _load(cfg: DataConfig, split: Literal["train", "test"], seed: int) -> ArrayDataset | LazyImages | HFStream:
     return load_dataset(
         cfg.dataset,
         split=split,
@@ -45,6 +51,11 @@ def _load(cfg: DataConfig, split: Literal["train", "test"], seed: int) -> ArrayD
         num_points=cfg.num_points,
         holdout_fraction=cfg.holdout_fraction,
         seed=seed,
+        loader=cfg.loader,
+        prepared_dir=Path(cfg.prepared_dir).expanduser() if cfg.prepared_dir else None,
+        cache_images=cfg.cache_images,
+        workers=cfg.workers,
+        hf_streaming=cfg.hf_streaming,
     )
 
 

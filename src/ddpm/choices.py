@@ -20,6 +20,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 Amp = Literal["none", "bf16", "fp16"]
 EMAWarmup = Literal["none", "ratio", "power"]
 SampleFormat = Literal["grid", "png", "npz"]
+Loader = Literal["auto", "memory", "stream"]
 
 SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
@@ -32,6 +33,7 @@ DEVICES: tuple[str, ...] = get_args(Device)
 AMPS: tuple[str, ...] = get_args(Amp)
 EMA_WARMUPS: tuple[str, ...] = get_args(EMAWarmup)
 SAMPLE_FORMATS: tuple[str, ...] = get_args(SampleFormat)
+LOADERS: tuple[str, ...] = get_args(Loader)
 
 
 def check_choice(name: str, value: object, valid: tuple[str, ...] | object) -> None:

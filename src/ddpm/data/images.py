@@ -4,9 +4,12 @@ A folder is read recursively; files whose extension (any case) is in `IMAGE_EXTE
 images, in sorted order of their path relative to the folder. Every image is decoded with
 Pillow, converted to the dataset's channel count, resized so its shorter side equals
 `image_size` (bicubic; Pillow's resampling filters are antialiased when shrinking) and
-centre-cropped to `image_size x image_size`. The whole folder is held in memory as uint8,
-`N * C * S * S` bytes (100k RGB 64x64 images: 1.2 GB); for larger sets, convert once to a
-uint8 `.npy` and memory-map it, or write a lazy dataset that calls `load_image` per item.
+centre-cropped to `image_size x image_size`. In memory a folder takes `N * C * S * S` bytes
+(100k RGB 64x64 images: 1.2 GB); larger ones are streamed: decoded per batch with `load_image`
+(`ddpm.data.stream`) or written once to a memory-mapped cache (`ddpm.data.cache`).
+
+Labels: when every image sits under a first-level sub-folder and there are at least two, the
+sorted sub-folder names are the classes (`folder_labels`).
 
 Channel rule: `channels` when given, else inferred from the first image in sorted order:
 1 for grey modes (L, LA, I, I;16, F, 1), else 3. Conversion then follows Pillow: colour to grey
@@ -28,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.errors import DataError
+
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
@@ -38,7 +43,7 @@ GREY_MODES: frozenset[str] = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16
 _MODE_FOR_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DataError):
     """An image file exists but cannot be decoded; the message names the file."""
 
 
@@ -48,6 +53,23 @@ def find_images(folder: Path) -> list[Path]:
         raise FileNotFoundError(f"image folder not found: {folder}")
     found = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def folder_labels(folder: Path, files: Sequence[Path]) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """Class labels from first-level sub-folders, or None when the folder is not laid out by class.
+
+    When every image sits somewhere under a first-level sub-folder and there are at least two of
+    them, the sorted sub-folder names are the classes: label i is `class_names[i]`. Images lying
+    directly in `folder`, or a single sub-folder (a mere container), mean "unlabelled".
+    """
+    parts = [p.relative_to(folder).parts for p in files]
+    if not parts or any(len(q) < 2 for q in parts):
+        return None
+    class_names = tuple(sorted({q[0] for q in parts}))
+    if len(class_names) < 2:
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    return np.array([index[q[0]] for q in parts], dtype=np.int64), class_names
 
 
 def _open(path: Path) -> PILImage.Image:

@@ -31,6 +31,7 @@ from ddpm.choices import (  # noqa: E402 - the Literal types must be module glob
     Amp,
     Device,
     EMAWarmup,
+    Loader,
     LossType,
     LossWeighting,
     Prediction,
@@ -53,6 +54,11 @@ class DataConfig:
     num_points: int | None = None  # 2-D toy sets: points in the training split; None = their default
     holdout_fraction: float | None = None  # share held out as the eval split; None = the data set's default
     cache_dir: str | None = None  # where downloads are kept; None = $DDPM_CACHE or ~/.cache/ddpm
+    loader: Loader = "auto"  # memory: decode all up front; stream: read batches in workers; auto: by size
+    workers: int | None = None  # DataLoader workers per process (and cache builders); None = from the CPUs
+    prepared_dir: str | None = None  # where folders' prepared caches live; None = <cache dir>/prepared
+    cache_images: bool = True  # streamed folders: write a prepared cache once and read it (false: decode files)
+    hf_streaming: bool = False  # hf: data sets: read as a stream (for sets larger than the disk)
 
 
 @dataclass
@@ -409,6 +415,8 @@ def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
     for name in ("image_size", "channels", "num_points"):
         value = getattr(config.data, name)
         need(value is None or value >= 1, f"data.{name}={value} must be >= 1")
+    workers = config.data.workers
+    need(workers is None or workers >= 0, f"data.workers={workers} must be >= 0 (0 reads in the training process)")
     hf = config.data.holdout_fraction
     need(hf is None or 0 <= hf < 1, f"data.holdout_fraction={hf} must lie in [0, 1)")
     dropout = config.model.dropout

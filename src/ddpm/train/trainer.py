@@ -20,7 +20,6 @@ k steps on 1 process with the same global batch (up to float summation order).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -37,6 +36,8 @@ from ddpm.train import distributed as dist_utils
 from ddpm.train.checkpoint import find_latest, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ddpm.train.config import ConfigError, RunConfig, per_rank_batch, save_config, validate_config
 from ddpm.train.ema import ExponentialMovingAverage
+from ddpm.train.feed import BatchFeed
+from ddpm.train.seeding import derive_seed, seeded_generator
 from ddpm.train.timesteps import make_timestep_sampler
 
 logger = logging.getLogger("ddpm.train")
@@ -47,18 +48,6 @@ SampleFn = Callable[[nn.Module, int], Any]
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from a tuple such as ``(seed, "noise", step)``; stable across runs and machines."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def seeded_generator(device: torch.device | str, *parts: object) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(derive_seed(*parts))
-    return gen
 
 
 def linear_warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -140,7 +129,9 @@ class Trainer:
         diffusion: a :class:`ddpm.GaussianDiffusion` (``training_losses``, ``num_timesteps``). Which
             timesteps are drawn is the trainer's (``diffusion.timestep_sampling`` of the config):
             its timestep sampler is checkpointed with the run.
-        dataset: ``len(ds)``, ``ds.get_batch(indices) -> [B, ...]`` in [-1, 1], ``.kind``.
+        dataset: ``len(ds)``, ``ds.get_batch(indices) -> [B, ...]`` in [-1, 1], ``.kind``; or an
+            on-demand data set (``ddpm.data.lazy``), read through DataLoader workers
+            (``data.workers``). :class:`~ddpm.train.feed.BatchFeed` does the reading.
         eval_dataset: optional held-out data; the EMA model's loss on it is logged every
             ``train.eval_every`` steps.
         sample_fn: ``sample_fn(ema_model, step)`` called on rank 0 every ``train.sample_every`` steps.
@@ -193,7 +184,10 @@ class Trainer:
         self.nonfinite_total = 0
         self.last_checkpoint: Path | None = None
         self._last_checkpoint_step: int | None = None
-        self._perms: dict[int, torch.Tensor] = {}
+        self.feed = BatchFeed(
+            dataset, batch_size=tc.batch_size, seed=tc.seed, rank=self.rank, world_size=self.world_size,
+            device=self.device, workers=config.data.workers,
+        )
         self._window = _Window()
         self._progress = None
         self._tb_writer = None
@@ -238,7 +232,8 @@ class Trainer:
         return {"step": self.step, "checkpoint": self.last_checkpoint, "nonfinite_total": self.nonfinite_total}
 
     def close(self) -> None:
-        """Close the progress bar and log writers; leave the process group if this trainer joined it."""
+        """Stop the data workers, close the progress bar and log writers; leave the process group if joined."""
+        self.feed.close()
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -276,9 +271,8 @@ class Trainer:
         """This process's slice of global batch ``step``: ``(x0, t, weights, noise)`` on the device."""
         tc = self.config.train
         global_bs = tc.batch_size
-        part = dist_utils.shard_indices(global_bs, self.rank, self.world_size)
-        indices = self.batch_indices(step)[part]
-        x0 = self.dataset.get_batch(indices).to(self.device, non_blocking=True).float()
+        part = self.feed.part
+        x0 = self.feed.get(step).x0
         if self.config.data.hflip and getattr(self.dataset, "kind", "image") == "image" and x0.dim() == 4:
             flip = flip_mask(global_bs, seeded_generator("cpu", tc.seed, "hflip", step))[part]
             x0 = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x0.flip(-1), x0)
@@ -288,23 +282,8 @@ class Trainer:
         return x0, t[part], weights[part].float(), noise[part]
 
     def batch_indices(self, step: int) -> torch.Tensor:
-        """Data indices ``[B]`` of global batch ``step`` (B = train.batch_size)."""
-        n, bs = len(self.dataset), self.config.train.batch_size
-        pos, parts = step * bs, []
-        while sum(len(p) for p in parts) < bs:
-            epoch, offset = divmod(pos, n)
-            take = min(n - offset, bs - sum(len(p) for p in parts))
-            parts.append(self._epoch_permutation(epoch)[offset : offset + take])
-            pos += take
-        return torch.cat(parts)
-
-    def _epoch_permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) > 4:
-                self._perms.clear()
-            gen = seeded_generator("cpu", self.config.train.seed, "data", epoch)
-            self._perms[epoch] = torch.randperm(len(self.dataset), generator=gen)
-        return self._perms[epoch]
+        """Data indices ``[B]`` of global batch ``step`` (B = train.batch_size); see ``BatchFeed``."""
+        return self.feed.indices(step)
 
     def forward_backward(
         self, x0: torch.Tensor, t: torch.Tensor, weights: torch.Tensor, noise: torch.Tensor
