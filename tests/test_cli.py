@@ -215,3 +215,19 @@ def test_export_and_every_command_on_a_diffusers_folder(trained_run: Path, tmp_p
     assert "pass --data" in capsys.readouterr().err
     assert main(["nll", str(export), "--data", str(data), "--split", "train", "-n", "2", "--estimate", "4",
                  "--out", str(tmp_path / "n"), "--device", "cpu"]) == 0
+
+
+def test_prepare_then_train_streaming_from_the_cache(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = write_folder(tmp_path / "data")
+    (data / "broken.png").write_bytes(b"not a png")
+    cache = tmp_path / "prepared"
+    assert main(["prepare", str(data), "--image-size", "8", "--workers", "1", "--out", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "25 images" not in out and "24 images" in out and "1 undecodable" in out and "broken.png" in out
+    args = ["train", "--data", str(cache), "--steps", "2", "--out", str(tmp_path / "r"), "--loader", "stream",
+            "--workers", "0", "--set", "model.num_groups=8", *TINY]
+    assert main(args) == 2 and "broken.png" in capsys.readouterr().err  # stops on the bad file unless skipped
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert main([*args, "--skip-bad-images"]) == 0
+    assert (tmp_path / "r" / "ckpt-00000002").is_dir()
+    assert main(["prepare", str(tmp_path / "nowhere")]) == 2

@@ -14,10 +14,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ddpm.cli import demo, eval, export, forward, nll, sample, sweep, train
+from ddpm.cli import demo, eval, export, forward, nll, prepare, sample, sweep, train
 from ddpm.cli.common import HelpFormatter
 
-COMMANDS = (train, sample, nll, forward, eval, sweep, demo, export)
+COMMANDS = (train, prepare, sample, nll, forward, eval, sweep, demo, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

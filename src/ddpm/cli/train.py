@@ -19,9 +19,15 @@ from ddpm.train.config import RunConfig
 # flag: (config key, argument type, help); choices come from the field's Literal type.
 TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--data": ("data.dataset", str, "built-in name (mnist5k, digits, moons, gmm, swissroll, checkerboard, mnist, "
-               "fashion-mnist, cifar10), a folder of images, or a .npy/.npz file"),
+               "fashion-mnist, cifar10), a folder of images (one sub-folder per class: labelled), a prepared "
+               "cache folder, a .npy/.npz file, or hf:NAME_OR_PATH[:split] (a Hugging Face datasets set)"),
     "--image-size": ("data.image_size", positive_int, "resize and centre-crop images to this size"),
     "--channels": ("data.channels", positive_int, "convert images to 1, 3 or 4 channels"),
+    "--loader": ("data.loader", str, "memory: decode all images up front; stream: read each batch in DataLoader "
+                 "workers (large folders); auto: stream image data over 1 GiB decoded"),
+    "--workers": ("data.workers", nonnegative_int, "DataLoader workers per process when streaming (0: read in the "
+                  "training process); also the processes that build a prepared cache"),
+    "--prepared-dir": ("data.prepared_dir", str, "where streamed folders' prepared caches live"),
     "--preset": ("model.preset", str, "network preset (auto, mnist-28, digits-8, ddpm-cifar10, ddpm-celebahq256, "
                  "ddpm-lsun256, mlp-2d)"),
     "--steps": ("train.steps", nonnegative_int, "total optimizer steps (a resumed run continues up to this)"),
@@ -50,7 +56,8 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
 
 
 # What an unset (None) field means, for --help.
-NONE_MEANS = {"data.image_size": "the images' own size", "data.channels": "the source's"}
+NONE_MEANS = {"data.image_size": "the images' own size", "data.channels": "the source's",
+              "data.workers": "from the CPU count", "data.prepared_dir": "$DDPM_CACHE/prepared"}
 
 
 def field_default_and_choices(key: str) -> tuple[Any, tuple[Any, ...] | None]:
@@ -77,6 +84,11 @@ def register(sub: Any) -> None:
                    help="random horizontal flips (default: on, except for the digit sets) [data.hflip]")
     p.add_argument("--skip-bad-images", dest="data.skip_bad_images", action="store_const", const=True, default=None,
                    help="skip undecodable image files and report how many [data.skip_bad_images]")
+    p.add_argument("--no-cache-images", dest="data.cache_images", action="store_const", const=False, default=None,
+                   help="streamed folders: decode the files every epoch instead of writing a prepared cache once "
+                        "[data.cache_images]")
+    p.add_argument("--hf-streaming", dest="data.hf_streaming", action="store_const", const=True, default=None,
+                   help="read an hf: data set as a stream, for sets larger than the disk [data.hf_streaming]")
     p.add_argument("--compile", dest="train.compile", action="store_const", const=True, default=None,
                    help="torch.compile the model [train.compile]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
