@@ -18,13 +18,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ddpm.build import build_dataset, build_diffusion, build_model, model_spec, resolve_hflip
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.errors import DataError
+from ddpm.errors import ConfigError, DataError
 from ddpm.train import Trainer, validate_config
 from ddpm.train.config import RunConfig, apply_overrides
 from ddpm.train.distributed import is_main_process
@@ -42,10 +43,24 @@ class TrainResult:
     config: RunConfig  # the resolved configuration the run used
 
 
-def resolve_config(cfg: RunConfig, data_shape: tuple[int, ...], hflip: bool) -> RunConfig:
-    """``cfg`` with everything decided from the data written in: preset, data shape, flips."""
-    preset, _ = model_spec(cfg.model, data_shape, learned_sigma=cfg.diffusion.variance == "learned_range")
-    return apply_overrides(cfg, {"model.preset": preset, "model.data_shape": list(data_shape), "data.hflip": hflip})
+def resolve_config(cfg: RunConfig, dataset: Any) -> RunConfig:
+    """``cfg`` with everything decided from the data written in: data shape, flips, classes, preset."""
+    shape = tuple(dataset.shape)
+    updates: dict[str, Any] = {"model.data_shape": list(shape), "data.hflip": resolve_hflip(cfg.data, dataset)}
+    if cfg.model.class_cond:
+        classes = getattr(dataset, "num_classes", None)
+        if not classes:
+            raise ConfigError(f"model.class_cond needs labelled data; {cfg.data.dataset!r} has no class labels "
+                              "(use a built-in digit set, one sub-folder per class, an .npz with 'labels', or a "
+                              "datasets set with a label column)")
+        if cfg.model.num_classes not in (None, classes):
+            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {classes} classes")
+        updates["model.num_classes"] = int(classes)
+        names = getattr(dataset, "class_names", None)
+        updates["model.class_names"] = list(names) if names else [str(c) for c in range(classes)]
+    cfg = apply_overrides(cfg, updates)
+    preset, _ = model_spec(cfg.model, shape, learned_sigma=cfg.diffusion.variance == "learned_range")
+    return apply_overrides(cfg, {"model.preset": preset})
 
 
 def grid_callback(out_dir: Path, diffusion: GaussianDiffusion, data_shape: tuple[int, ...],
@@ -87,7 +102,7 @@ def fit(cfg: RunConfig, *, resume: str | Path | None = None, progress: bool = Tr
     except (DataError, ValueError):  # a data set without a held-out split trains without eval losses
         eval_dataset = None
     shape = tuple(dataset.shape)
-    cfg = resolve_config(cfg, shape, resolve_hflip(cfg.data, dataset))
+    cfg = resolve_config(cfg, dataset)
     validate_config(cfg)
     diffusion = build_diffusion(cfg.diffusion)
     model, _ = build_model(cfg, shape)

@@ -142,8 +142,11 @@ class Pipeline:
 
     @property
     def can_guide(self) -> bool:
-        """Whether classifier-free guidance is possible: a conditional network with a null class."""
-        return self.num_classes is not None and bool(getattr(self.model.config, "null_class", False))
+        """Whether classifier-free guidance is possible: a conditional network whose null class was trained
+        (label dropout ``model.cond_drop`` > 0; an imported model with ddpm's null-class marker)."""
+        if self.num_classes is None or not getattr(self.model.config, "null_class", False):
+            return False
+        return self.config.model.preset == "diffusers" or self.config.model.cond_drop > 0
 
     def labels(self, classes: int | Sequence[int] | torch.Tensor | None, num: int) -> torch.Tensor | None:
         """Per-sample labels ``[num]`` from one class for all, one per sample, or None (unconditional)."""

@@ -30,6 +30,8 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--prepared-dir": ("data.prepared_dir", str, "where streamed folders' prepared caches live"),
     "--preset": ("model.preset", str, "network preset (auto, mnist-28, digits-8, ddpm-cifar10, ddpm-celebahq256, "
                  "ddpm-lsun256, mlp-2d)"),
+    "--cond-drop": ("model.cond_drop", finite_float, "class-conditional runs: share of labels replaced by the "
+                    "null class (what classifier-free guidance needs)"),
     "--steps": ("train.steps", nonnegative_int, "total optimizer steps (a resumed run continues up to this)"),
     "--batch-size": ("train.batch_size", positive_int, "global batch size (split across processes)"),
     "--lr": ("optim.lr", finite_float, "peak learning rate of AdamW"),
@@ -82,6 +84,9 @@ def register(sub: Any) -> None:
                        help=f"{text} (default: {shown}) [{key}]")
     p.add_argument("--hflip", dest="data.hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on, except for the digit sets) [data.hflip]")
+    p.add_argument("--class-cond", dest="model.class_cond", action="store_const", const=True, default=None,
+                   help="condition the network on the data's class labels (the number of classes is taken from "
+                        "the data) [model.class_cond]")
     p.add_argument("--skip-bad-images", dest="data.skip_bad_images", action="store_const", const=True, default=None,
                    help="skip undecodable image files and report how many [data.skip_bad_images]")
     p.add_argument("--no-cache-images", dest="data.cache_images", action="store_const", const=False, default=None,

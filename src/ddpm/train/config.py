@@ -83,6 +83,7 @@ class ModelConfig:
     data_shape: tuple[int, ...] | None = None  # per-example shape the network is built for; set by `ddpm train`
     class_cond: bool = False  # condition on the data's class labels (classifier-free guidance needs cond_drop > 0)
     num_classes: int | None = None  # classes of a class-conditional network; set from the data by `ddpm train`
+    class_names: tuple[str, ...] | None = None  # the name of each class (folders: sub-folder names), from the data
     cond_drop: float = 0.1  # class-conditional training: share of labels replaced by the null class
 
 
@@ -432,7 +433,7 @@ def model_overrides(model: ModelConfig) -> dict[str, Any]:
     return {
         f.name: getattr(model, f.name)
         for f in dataclasses.fields(model)
-        if f.name not in ("preset", "data_shape", "class_cond", "num_classes", "cond_drop")
+        if f.name not in ("preset", "data_shape", "class_cond", "num_classes", "class_names", "cond_drop")
         and getattr(model, f.name) is not None
     }
 

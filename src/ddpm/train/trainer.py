@@ -80,6 +80,17 @@ class _Autocast(nn.Module):
 
 
 @dataclass
+class TrainBatch:
+    """This process's share of one global batch, on the training device."""
+
+    x0: torch.Tensor  # [b, ...] data in [-1, 1] (flipped where drawn)
+    y: torch.Tensor | None  # [b] class labels after label dropout (class-conditional runs), else None
+    t: torch.Tensor  # [b] timesteps
+    weights: torch.Tensor  # [b] importance weights of the timestep sampler
+    noise: torch.Tensor  # [b, ...] eps
+
+
+@dataclass
 class StepStats:
     """What one optimizer step reports (already averaged over all processes)."""
 
@@ -248,10 +259,10 @@ class Trainer:
     def train_step(self) -> StepStats:
         """Process global batch ``self.step``: forward/backward, clip, update (or skip), EMA."""
         step = self.step
-        x0, t, weights, noise = self.get_batch(step)
+        batch = self.get_batch(step)
         self.model.train()
         torch.manual_seed(derive_seed(self.config.train.seed, "model-rng", step, self.rank))  # dropout
-        per_example = self.forward_backward(x0, t, weights, noise)
+        per_example = self.forward_backward(batch)
         grad_norm = self.clip_gradients()
         stats = self._reduce_stats(step, per_example, grad_norm)
         if stats.applied:
@@ -267,27 +278,40 @@ class Trainer:
         self.check_nonfinite_limit(stats)
         return stats
 
-    def get_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This process's slice of global batch ``step``: ``(x0, t, weights, noise)`` on the device."""
+    def get_batch(self, step: int) -> TrainBatch:
+        """This process's slice of global batch ``step``, on the device (see :class:`TrainBatch`)."""
         tc = self.config.train
         global_bs = tc.batch_size
         part = self.feed.part
-        x0 = self.feed.get(step).x0
+        fed = self.feed.get(step)
+        x0 = fed.x0
         if self.config.data.hflip and getattr(self.dataset, "kind", "image") == "image" and x0.dim() == 4:
             flip = flip_mask(global_bs, seeded_generator("cpu", tc.seed, "hflip", step))[part]
             x0 = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x0.flip(-1), x0)
+        y = self.class_labels(fed.y, step) if self.config.model.class_cond else None
         gen = seeded_generator(self.device, tc.seed, "noise", step)
         t, weights = self.timestep_sampler.sample(global_bs, self.device, gen)
         noise = torch.randn((global_bs, *x0.shape[1:]), generator=gen, device=self.device)
-        return x0, t[part], weights[part].float(), noise[part]
+        return TrainBatch(x0, y, t[part], weights[part].float(), noise[part])
+
+    def class_labels(self, y: torch.Tensor | None, step: int) -> torch.Tensor:
+        """The labels a conditional network trains on: each replaced by the null class with probability
+        ``model.cond_drop`` (label dropout for classifier-free guidance), drawn for the global batch from
+        (seed, step) like every other random choice of the step."""
+        mc = self.config.model
+        if y is None:
+            raise ConfigError("model.class_cond needs labelled data (built-in digit sets, class sub-folders, "
+                              "an .npz with labels, or a datasets set with a label column)")
+        drop = torch.rand(self.config.train.batch_size, generator=seeded_generator("cpu", self.config.train.seed,
+                                                                                 "cond-drop", step))
+        drop = (drop < mc.cond_drop)[self.feed.part].to(y.device)
+        return torch.where(drop, torch.full_like(y, int(mc.num_classes or 0)), y)
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """Data indices ``[B]`` of global batch ``step`` (B = train.batch_size); see ``BatchFeed``."""
         return self.feed.indices(step)
 
-    def forward_backward(
-        self, x0: torch.Tensor, t: torch.Tensor, weights: torch.Tensor, noise: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def forward_backward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Accumulate gradients of the mean weighted loss over ``optim.grad_accum`` micro-batches.
 
         Each micro-batch's mean is divided by ``grad_accum`` so the gradient is that of the mean over
@@ -295,13 +319,15 @@ class Trainer:
         Returns detached per-example ``loss``, ``mse``, ``vlb`` (or the loss) and ``t``.
         """
         accum, mb = self.config.optim.grad_accum, self.micro_batch
+        x0, y, t, weights, noise = batch.x0, batch.y, batch.t, batch.weights, batch.noise
         outs: dict[str, list[torch.Tensor]] = {"loss": [], "mse": [], "observed": [], "t": []}
         for i in range(accum):
             part = slice(i * mb, (i + 1) * mb)
             last = i == accum - 1
             sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
-                losses = self.diffusion.training_losses(self.forward_model, x0[part], t[part], noise[part])
+                losses = self.diffusion.training_losses(self.forward_model, x0[part], t[part], noise[part],
+                                                        y=None if y is None else y[part])
                 loss = losses.loss * weights[part]
                 self.scaler.scale(loss.mean() / accum).backward()
             outs["loss"].append(loss.detach().float())
@@ -481,7 +507,8 @@ class Trainer:
             x0 = ds.get_batch(idx).to(self.device).float()
             t = torch.randint(0, self.diffusion.num_timesteps, (len(idx),), generator=gen, device=self.device)
             noise = torch.randn(x0.shape, generator=gen, device=self.device)
-            losses = self.diffusion.training_losses(model, x0, t, noise)
+            y = ds.get_labels(idx) if self.config.model.class_cond else None  # the conditional loss, true labels
+            losses = self.diffusion.training_losses(model, x0, t, noise, y=None if y is None else y.to(self.device))
             total_loss += losses.loss.sum().item()
             total_mse += losses.mse.sum().item()
         return {"eval_loss": total_loss / max(n, 1), "eval_mse": total_mse / max(n, 1)}
