@@ -122,6 +122,9 @@ def run_demo(
     card["train_seconds"] = round(train_seconds, 1)
     card["sample_seconds"] = round(sample_seconds, 1)
     card["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    if card.get("guidance_sweep") and "label_accuracy" in card["guidance_sweep"][0]:
+        files["guidance: distance against label accuracy"] = viz.save_guidance_plot(
+            card["guidance_sweep"], out / "guidance.png", metric="Frechet distance (classifier features)")
     files["eval card"] = write_json(out / "eval_card.json", card)
     (out / "eval_card.md").write_text(card_markdown(card), encoding="utf-8")
     return DemoResult(card, files)
