@@ -247,7 +247,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         rows.append(("bits/dim", f"{b['total_bpd']:.3f} +/- {b['stderr_bpd']:.3f} ({b['bound_on']}; {b['mode']}, "
                                  f"{b['images']} held-out images, T={b['timesteps']})"))
     rows.append(("seconds", f"{card['seconds']:.0f}"))
-    lines = ["| quantity | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
+    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731 - a | inside a value would split the cell
+    lines = ["| quantity | value |", "| --- | --- |"] + [f"| {cell(k)} | {cell(v)} |" for k, v in rows]
     return "\n".join(lines) + "\n"
 
 
