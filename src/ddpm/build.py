@@ -34,6 +34,7 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "test"] = "train", *,
         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
         num_points=cfg.num_points,
         holdout_fraction=cfg.holdout_fraction,
+        array_key=cfg.data_key,
         seed=seed,
     )
 
