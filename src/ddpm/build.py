@@ -50,6 +50,7 @@ def _load(cfg: DataConfig, split: Literal["train", "test"], seed: int) -> ArrayD
         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
         num_points=cfg.num_points,
         holdout_fraction=cfg.holdout_fraction,
+        array_key=cfg.data_key,
         seed=seed,
         loader=cfg.loader,
         prepared_dir=Path(cfg.prepared_dir).expanduser() if cfg.prepared_dir else None,

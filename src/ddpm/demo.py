@@ -80,6 +80,8 @@ def run_demo(
 ) -> DemoResult:
     """Train the demo recipe into ``out/run``, then sample, animate and measure into ``out``.
 
+    Without ``resume`` an earlier demo run in ``out/run`` is replaced (the demo is a fixed recipe).
+
     ``class_cond``: a digit-conditional model; its samples are balanced over the digits at
     ``guidance``, the grid has one row per digit, and the eval card adds label accuracy and the
     guidance sweep ``guidance_scales``.
@@ -88,7 +90,8 @@ def run_demo(
     t_start = time.perf_counter()
     print(f"ddpm demo: training on built-in MNIST-5k for {steps} steps (CPU), then sampling and measuring",
           flush=True)
-    fit(demo_config(str(out / "run"), steps, seed, class_cond=class_cond), resume="auto" if resume else None)
+    fit(demo_config(str(out / "run"), steps, seed, class_cond=class_cond), resume="auto" if resume else None,
+        overwrite=not resume)
     train_seconds = time.perf_counter() - t_start
     pipe = load(out / "run", weights="ema", device="cpu")
     files: dict[str, Path] = {}

@@ -29,6 +29,7 @@ from ddpm.errors import ConfigError, DataError
 from ddpm.train import Trainer, validate_config
 from ddpm.train.config import RunConfig, apply_overrides
 from ddpm.train.distributed import is_main_process
+from ddpm.train.run_folder import check_run_folder
 
 logger = logging.getLogger("ddpm")
 
@@ -41,6 +42,7 @@ class TrainResult:
     checkpoint: Path | None  # the newest checkpoint written (or resumed from)
     nonfinite_total: int  # steps skipped for a non-finite loss or gradient
     config: RunConfig  # the resolved configuration the run used
+    set_aside: Path | None = None  # where newer checkpoints were moved when resuming from an older one
 
 
 def resolve_config(cfg: RunConfig, dataset: Any) -> RunConfig:
@@ -90,12 +92,18 @@ def grid_callback(out_dir: Path, diffusion: GaussianDiffusion, data_shape: tuple
     return sample_fn
 
 
-def fit(cfg: RunConfig, *, resume: str | Path | None = None, progress: bool = True) -> TrainResult:
+def fit(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+        progress: bool = True) -> TrainResult:
     """Build data, diffusion and network from ``cfg`` and train to ``cfg.train.steps``.
 
-    ``resume``: ``"auto"`` (the newest checkpoint in ``cfg.train.out_dir``, if any) or a
-    checkpoint / run folder. Under torchrun every process calls this; only rank 0 writes.
+    ``resume``: ``"auto"`` (the newest good checkpoint in ``cfg.train.out_dir``, if any) or a
+    checkpoint / run folder; without it, a folder that holds another run's checkpoints is refused
+    unless ``overwrite`` (delete that run and start over). The run folder is checked before any data
+    is loaded (:func:`ddpm.train.run_folder.check_run_folder`). Under torchrun every process calls
+    this; only rank 0 writes.
     """
+    if is_main_process():
+        check_run_folder(cfg.train.out_dir, resume=resume, overwrite=overwrite)
     dataset = build_dataset(cfg.data, "train")
     try:
         eval_dataset = build_dataset(cfg.data, "test")
@@ -114,6 +122,6 @@ def fit(cfg: RunConfig, *, resume: str | Path | None = None, progress: bool = Tr
     reference = dataset.get_batch(torch.arange(min(len(dataset), 2000))) if dataset.kind == "vector" else None
     sample_fn = grid_callback(out_dir, diffusion, shape, reference)
     trainer = Trainer(cfg, model, diffusion, dataset, eval_dataset=eval_dataset, sample_fn=sample_fn)
-    summary = trainer.run(resume=resume)
+    summary = trainer.run(resume=resume, overwrite=overwrite)
     return TrainResult(step=summary["step"], checkpoint=summary["checkpoint"],
-                       nonfinite_total=summary["nonfinite_total"], config=cfg)
+                       nonfinite_total=summary["nonfinite_total"], config=cfg, set_aside=summary.get("set_aside"))

@@ -1,9 +1,11 @@
 """Where results go: output folders checked before long work, never overwritten silently.
 
-Every command that writes results checks its output folder first (:func:`prepare_output_folder`),
-so an unwritable folder or an existing file fails before minutes of sampling, and an earlier
-result is never replaced unless asked (``force``): without an explicit folder a fresh numbered
-one is chosen (:func:`fresh_folder`). Files are written to a temporary name and renamed.
+A command that computes for minutes and then cannot write its results has lost those minutes, so
+every command checks its output folder first (:func:`check_output_folder`: an existing file, no
+permission, a read-only file system fail at once, naming the flag and the path), and an earlier
+result is never replaced unless asked (:func:`prepare_output_folder` with ``force``); without an
+explicit folder a fresh numbered one is chosen (:func:`fresh_folder`). Files are written to a
+temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ddpm.choices import SAMPLE_FORMATS, SampleFormat
-from ddpm.errors import UserError
+from ddpm.choices import SAMPLE_FORMATS, SampleFormat, parse_choice_list
+from ddpm.errors import OutputError
 
 SAMPLES_LAYOUT = ("samples.npz: images uint8 [N, H, W, C] on the 256-level grid (pixel k stands for k / 127.5 - 1); "
                   "vectors: samples float32 [N, D]")
@@ -33,27 +35,34 @@ def fresh_folder(base: Path) -> Path:
     return candidate
 
 
-def prepare_output_folder(folder: str | Path, *, produces: Sequence[str] = (), force: bool = False,
-                          flag: str = "--out") -> Path:
-    """Create ``folder`` (and parents) and prove it writable, before any long computation.
+def check_output_folder(path: str | Path, *, name: str = "--out") -> Path:
+    """Make sure ``path`` is a folder this process can create files in, creating it (and its parents).
 
-    Raises :class:`~ddpm.errors.UserError` naming ``flag`` when the path is an existing file, is not
-    writable, or already holds one of the files in ``produces`` (unless ``force``).
+    Raises :class:`~ddpm.errors.OutputError` naming ``name`` (the flag or config key) and the path
+    when it is an existing file, or cannot be created or written (no permission, a read-only or
+    full file system). Returns the path.
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{flag} {folder} is an existing file, not a folder")
-    clashes = [name for name in produces if (folder / name).exists()]
-    if clashes and not force:
-        raise UserError(f"{flag} {folder} already holds {', '.join(clashes)}; choose another folder or pass --force "
-                        "to replace them")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{name} {str(path)!r} is an existing file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise UserError(f"{flag} {folder} is not writable: {exc.strerror or exc}") from None
-    return folder
+        raise OutputError(f"{name} {str(path)!r} cannot be written: {exc.strerror or exc}") from None
+    return path
+
+
+def prepare_output_folder(folder: str | Path, *, produces: Sequence[str] = (), force: bool = False,
+                          flag: str = "--out") -> Path:
+    """:func:`check_output_folder`, and refuse (unless ``force``) a folder already holding one of ``produces``."""
+    folder = Path(folder)
+    clashes = [name for name in produces if (folder / name).exists()]
+    if clashes and not force:
+        raise OutputError(f"{flag} {folder} already holds {', '.join(clashes)}; choose another folder or pass "
+                          "--force to replace them")
+    return check_output_folder(folder, name=flag)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -67,12 +76,7 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 def parse_formats(text: str) -> list[SampleFormat]:
     """``"grid,npz"`` -> ``["grid", "npz"]``; an unknown name is an error listing the valid ones."""
-    names = [f.strip() for f in text.split(",") if f.strip()]
-    bad = [f for f in names if f not in SAMPLE_FORMATS]
-    if bad or not names:
-        raise UserError(f"--format {text!r}: unknown format(s) {bad or '(none given)'}; valid: "
-                        f"{', '.join(SAMPLE_FORMATS)}")
-    return names  # type: ignore[return-value]
+    return list(parse_choice_list("--format", text, SAMPLE_FORMATS))  # type: ignore[arg-type]
 
 
 def sample_files(formats: Sequence[str], *, is_image: bool) -> list[str]:

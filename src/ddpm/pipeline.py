@@ -35,10 +35,11 @@ from ddpm.guidance import Guided
 from ddpm.likelihood import nll as exact_bound
 from ddpm.likelihood import nll_estimate
 from ddpm.samplers import Spacing, get_spec, sample, sampling_chain
+from ddpm.tensors import check_finite
 from ddpm.train.checkpoint import load_model_weights, read_config, resolve_checkpoint
 from ddpm.train.config import ModelConfig, RunConfig
 from ddpm.train.distributed import all_gather_tensor, get_rank, get_world_size, resolve_device
-from ddpm.train.trainer import derive_seed
+from ddpm.train.seeding import derive_seed
 
 
 def item_seeds(seed: int, indices: Sequence[int], stream: str = "sample") -> list[int]:
@@ -248,10 +249,7 @@ class Pipeline:
             padded = torch.zeros(per_rank, *self.data_shape)
             padded[: local.shape[0]] = local
             local = all_gather_tensor(padded.to(self.device)).cpu()[:num]
-        if not torch.isfinite(local).all():
-            bad = int((~torch.isfinite(local.flatten(1))).any(1).sum())
-            raise UserError(f"{bad} of {num} samples contain NaN or inf: the weights of {self.source} "
-                            f"({self.weights}) are broken or the model diverged")
+        check_finite(local, what=f"samples from {self.source} ({self.weights} weights)")
         return local
 
     @torch.inference_mode()

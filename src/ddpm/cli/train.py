@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ddpm.cli.common import HelpFormatter, finite_float, nonnegative_int, positive_int, say
+from ddpm.cli.common import HelpFormatter, nonnegative_int, positive_int, say
 from ddpm.errors import ConfigError
 from ddpm.train.config import RunConfig
 
-# flag: (config key, argument type, help); choices come from the field's Literal type.
+# flag: (config key, argument type, help); choices come from the field's Literal type. Ranges and
+# finiteness are checked once, by the configuration's validation, whatever sets the value.
 TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--data": ("data.dataset", str, "built-in name (mnist5k, digits, moons, gmm, swissroll, checkerboard, mnist, "
                "fashion-mnist, cifar10), a folder of images (one sub-folder per class: labelled), a prepared "
@@ -28,17 +29,19 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--workers": ("data.workers", nonnegative_int, "DataLoader workers per process when streaming (0: read in the "
                   "training process); also the processes that build a prepared cache"),
     "--prepared-dir": ("data.prepared_dir", str, "where streamed folders' prepared caches live"),
+    "--data-key": ("data.data_key", str, ".npz files: the array to train on (default: the one named images, x, "
+                   "data or arr_0)"),
     "--preset": ("model.preset", str, "network preset (auto, mnist-28, digits-8, ddpm-cifar10, ddpm-celebahq256, "
                  "ddpm-lsun256, mlp-2d)"),
-    "--cond-drop": ("model.cond_drop", finite_float, "class-conditional runs: share of labels replaced by the "
+    "--cond-drop": ("model.cond_drop", float, "class-conditional runs: share of labels replaced by the "
                     "null class (what classifier-free guidance needs)"),
     "--steps": ("train.steps", nonnegative_int, "total optimizer steps (a resumed run continues up to this)"),
     "--batch-size": ("train.batch_size", positive_int, "global batch size (split across processes)"),
-    "--lr": ("optim.lr", finite_float, "peak learning rate of AdamW"),
+    "--lr": ("optim.lr", float, "peak learning rate of AdamW"),
     "--warmup-steps": ("optim.warmup_steps", nonnegative_int, "linear learning-rate warm-up steps"),
-    "--grad-clip": ("optim.grad_clip", finite_float, "max gradient norm (0 disables clipping)"),
+    "--grad-clip": ("optim.grad_clip", float, "max gradient norm (0 disables clipping)"),
     "--grad-accum": ("optim.grad_accum", positive_int, "micro-batches per optimizer step"),
-    "--ema-decay": ("ema.decay", finite_float, "EMA decay once warmed up"),
+    "--ema-decay": ("ema.decay", float, "EMA decay once warmed up"),
     "--schedule": ("diffusion.schedule", str, "beta schedule"),
     "--timesteps": ("diffusion.timesteps", positive_int, "number of diffusion steps T"),
     "--prediction": ("diffusion.prediction", str, "network target"),
@@ -59,6 +62,7 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
 
 # What an unset (None) field means, for --help.
 NONE_MEANS = {"data.image_size": "the images' own size", "data.channels": "the source's",
+              "data.data_key": "images, x, data or arr_0",
               "data.workers": "from the CPU count", "data.prepared_dir": "$DDPM_CACHE/prepared"}
 
 
@@ -98,8 +102,13 @@ def register(sub: Any) -> None:
                    help="torch.compile the model [train.compile]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config field, e.g. --set ema.power=0.8 (repeatable)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue the newest checkpoint in --out (when given without a value) or the given one")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                       help="continue the newest good checkpoint in --out (when given without a value) or the "
+                            "given one (newer checkpoints are moved to set-aside/, never deleted)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="delete the previous run in --out and start over (a new run is otherwise refused in a "
+                            "folder holding checkpoints)")
     p.set_defaults(func=run)
 
 
@@ -124,6 +133,8 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
 def run(args: argparse.Namespace) -> int:
     from ddpm.fit import fit
 
-    result = fit(resolve_run_config(args), resume=args.resume)
+    result = fit(resolve_run_config(args), resume=args.resume, overwrite=args.overwrite)
+    if result.set_aside is not None:
+        say(f"checkpoints newer than the one resumed from were moved to {result.set_aside}")
     say(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
     return 0

@@ -24,11 +24,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ddpm.errors import DataError
+
 DataKind = Literal["image", "vector"]
 DATA_KINDS: tuple[str, ...] = ("image", "vector")
 
-# Default key order when an .npz holds several arrays and no key is given.
-NPZ_DATA_KEYS: tuple[str, ...] = ("x", "images", "data", "arr_0")
+# The names an .npz data array is recognised by when no key is given (exactly one of them must be present).
+NPZ_DATA_KEYS: tuple[str, ...] = ("images", "x", "data", "arr_0")
 NPZ_LABEL_KEYS: tuple[str, ...] = ("y", "labels")
 
 
@@ -269,24 +271,25 @@ def images_to_nchw(array: np.ndarray, *, source: str) -> np.ndarray:
 def read_array_file(path: Path, *, key: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read data (and labels, for .npz) from a `.npy` or `.npz` file.
 
-    For `.npz`, the data array is `key` when given, else the first of `NPZ_DATA_KEYS` present,
-    else the first array in the file; labels are the first of `NPZ_LABEL_KEYS` present (and not
-    the data key). Never unpickles (`allow_pickle=False`).
+    For `.npz`, the data array is `key` when given, else the one array named in `NPZ_DATA_KEYS`;
+    a file with none or several of those names is an error listing its arrays (never a guess).
+    Labels are the first of `NPZ_LABEL_KEYS` present (and not the data key). Never unpickles
+    (`allow_pickle=False`).
     """
     suffix = path.suffix.lower()
     if suffix == ".npy":
         if key is not None:
-            raise ValueError(f"{path}: an array key applies to .npz files only")
+            raise DataError(f"{path}: an array key (data.data_key) applies to .npz files only")
         return np.load(path, allow_pickle=False), None
     if suffix != ".npz":
-        raise ValueError(f"{path}: expected a .npy or .npz file")
+        raise DataError(f"{path}: expected a .npy or .npz file")
     with np.load(path, allow_pickle=False) as archive:
         names = list(archive.files)
         if not names:
-            raise ValueError(f"{path}: the .npz file holds no arrays")
+            raise DataError(f"{path}: the .npz file holds no arrays")
         if key is not None and key not in names:
-            raise ValueError(f"{path}: no array {key!r}; the file holds {names}")
-        data_key = key or next((k for k in NPZ_DATA_KEYS if k in names), names[0])
+            raise DataError(f"{path}: no array {key!r}; the file holds {names}")
+        data_key = key or _npz_data_key(path, names)
         label_key = next((k for k in NPZ_LABEL_KEYS if k in names and k != data_key), None)
         data = archive[data_key]
         labels = archive[label_key] if label_key is not None else None
@@ -298,6 +301,17 @@ def read_array_file(path: Path, *, key: str | None = None) -> tuple[np.ndarray, 
             f"got dtype {labels.dtype}, shape {labels.shape}"
         )
     return data, labels
+
+
+def _npz_data_key(path: Path, names: list[str]) -> str:
+    known = [k for k in NPZ_DATA_KEYS if k in names]
+    if len(known) == 1:
+        return known[0]
+    which = f"several data arrays ({', '.join(known)})" if known else f"no array named {', '.join(NPZ_DATA_KEYS)}"
+    raise DataError(
+        f"{path}: the .npz file holds {which}; its arrays are {names}: choose one with --data-key "
+        "(data.data_key)"
+    )
 
 
 def vectors_to_float(array: np.ndarray, *, source: str) -> np.ndarray:

@@ -14,7 +14,7 @@ sorted sub-folder names are the classes (`folder_labels`).
 Channel rule: `channels` when given, else inferred from the first image in sorted order:
 1 for grey modes (L, LA, I, I;16, F, 1), else 3. Conversion then follows Pillow: colour to grey
 uses ITU-R 601 luma (L = 0.299 R + 0.587 G + 0.114 B); alpha is dropped unless channels=4;
-palette images are expanded first; 16-bit grey is scaled to 8 bits.
+palette images are expanded first; 16-bit grey level v becomes round(v * 255 / 65535).
 """
 
 from __future__ import annotations
@@ -93,16 +93,22 @@ def to_channels(img: PILImage.Image, channels: int) -> PILImage.Image:
     if channels not in _MODE_FOR_CHANNELS:
         raise ValueError(f"channels must be one of {sorted(_MODE_FOR_CHANNELS)}, got {channels}")
     if img.mode.startswith("I;16") or img.mode == "I":
-        # Pillow's I -> L conversion clips at 255 instead of rescaling 16-bit data.
+        # 16-bit grey (the only integer mode of the supported formats: 16-bit PNG): v -> round(v * 255 / 65535)
+        # exactly, whatever the image's own range (Pillow's I -> L conversion clips at 255 instead).
         from PIL import Image
 
-        wide = np.asarray(img, dtype=np.float64)
-        scale = 255.0 / 65535.0 if wide.max(initial=0) > 255 else 1.0
-        img = Image.fromarray(np.clip(np.rint(wide * scale), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(sixteen_to_eight_bits(np.asarray(img)), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     target = _MODE_FOR_CHANNELS[channels]
     return img if img.mode == target else img.convert(target)
+
+
+def sixteen_to_eight_bits(values: np.ndarray) -> np.ndarray:
+    """16-bit levels 0..65535 to uint8 ``round(v * 255 / 65535)``, exactly (integer arithmetic; 65535 = 255 * 257,
+    so ``v * 255 / 65535 = v / 257`` is never halfway between two integers). Values outside 0..65535 are clipped."""
+    wide = np.clip(values.astype(np.int64), 0, 65535)
+    return ((wide * 255 + 65535 // 2) // 65535).astype(np.uint8)
 
 
 def resize_center_crop(img: PILImage.Image, image_size: int) -> PILImage.Image:

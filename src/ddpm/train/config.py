@@ -59,6 +59,7 @@ class DataConfig:
     prepared_dir: str | None = None  # where folders' prepared caches live; None = <cache dir>/prepared
     cache_images: bool = True  # streamed folders: write a prepared cache once and read it (false: decode files)
     hf_streaming: bool = False  # hf: data sets: read as a stream (for sets larger than the disk)
+    data_key: str | None = None  # .npz files: the array to train on; None = the one named images, x, data or arr_0
 
 
 @dataclass
@@ -158,6 +159,14 @@ class RunConfig:
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+# Fields that say how a run is executed or recorded rather than what it computes: a resumed run may
+# change them without a warning (every other change is logged and recorded, see hyperparameter_changes).
+RUN_BOOKKEEPING: frozenset[str] = frozenset({
+    "train.steps", "train.device", "train.compile", "train.checkpoint_every", "train.keep_last",
+    "train.log_every", "train.sample_every", "train.eval_every", "train.eval_batches", "train.max_nonfinite",
+    "train.out_dir", "train.tensorboard", "data.cache_dir",
+})
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +392,36 @@ def config_from_toml(text: str, *, source: str = "config") -> RunConfig:
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(to_toml(config), encoding="utf-8")
+    """Write the config as TOML, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_toml(config), encoding="utf-8")
+    tmp.replace(path)
+
+
+def hyperparameter_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{"optim.lr": (old, new), ...}``: the fields that differ, except those in :data:`RUN_BOOKKEEPING`."""
+    a, b = config_to_dict(old), config_to_dict(new)
+    return {
+        f"{section}.{key}": (a[section][key], b[section][key])
+        for section in SECTIONS
+        for key in a[section]
+        if a[section][key] != b[section][key] and f"{section}.{key}" not in RUN_BOOKKEEPING
+    }
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the training maths is float32: a larger number overflows to inf there
+
+
+def _nonfinite_fields(config: RunConfig) -> list[str]:
+    """``"key=value"`` for every float field (or list entry) that is NaN, infinite or beyond the float32 range."""
+    bad = []
+    for section, values in config_to_dict(config).items():
+        for key, value in values.items():
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX) for v in items):
+                bad.append(f"{section}.{key}={value}")
+    return bad
 
 
 def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
@@ -394,6 +432,9 @@ def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
         if not cond:
             raise ConfigError(message)
 
+    nonfinite = _nonfinite_fields(config)
+    need(not nonfinite, f"{', '.join(nonfinite)}: every number must be finite (not nan or inf) and within the "
+                        f"float32 range (|x| <= {FLOAT32_MAX:.4g})")
     need(tr.steps >= 0, f"train.steps={tr.steps} must be >= 0")
     need(tr.batch_size >= 1, f"train.batch_size={tr.batch_size} must be >= 1")
     for name in ("checkpoint_every", "log_every", "keep_last", "sample_every", "eval_every", "eval_batches"):

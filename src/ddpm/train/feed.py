@@ -101,6 +101,7 @@ class BatchFeed:
         self._sampler: _StepSampler | None = None
         self._iterator: Iterator[Any] | None = None
         self._next_step: int | None = None
+        self._last: tuple[int, FedBatch] | None = None  # the batch returned last, by step
 
     # ------------------------------------------------------------------------------ order
     def indices(self, step: int) -> Tensor:
@@ -128,7 +129,18 @@ class BatchFeed:
 
     # ---------------------------------------------------------------------------- reading
     def get(self, step: int) -> FedBatch:
-        """This process's share of global batch ``step`` on the device."""
+        """This process's share of global batch ``step`` on the device.
+
+        The last batch is kept, so asking for the same step again (the checkpoint guard reads the
+        next batch before the step that trains on it) neither reads it twice nor restarts the workers.
+        """
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
+        fed = self._fetch(step)
+        self._last = (step, fed)
+        return fed
+
+    def _fetch(self, step: int) -> FedBatch:
         if not self.streamed:
             index = self.local_indices(step)
             x0 = self.dataset.get_batch(index).to(self.device, non_blocking=True).float()
