@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from ddpm.cli import LoadedModel, sample_seeds
-from ddpm.commands import distance_report, make_reference
+import ddpm
+from ddpm.evaluate import distances, make_reference
+from ddpm.pipeline import Pipeline, item_seeds
 from ddpm.samplers import sample
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,11 +81,11 @@ CONFIGS = [
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
-def diffusers_sampler(loaded: LoadedModel, name: str, clip: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def diffusers_sampler(pipe: Pipeline, name: str, clip: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """x_T, NFE -> x_0 with a diffusers scheduler stepping on our network's prediction."""
     import diffusers
 
-    d = loaded.diffusion
+    d = pipe.diffusion
     extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "DPMSolverMultistepScheduler" else {
         "solver_order": 2, "solver_type": "bh2"}
 
@@ -95,7 +96,7 @@ def diffusers_sampler(loaded: LoadedModel, name: str, clip: bool) -> Callable[[t
         scheduler.set_timesteps(nfe)
         x = x_T
         for t in scheduler.timesteps:
-            prediction, _ = d.split_model_output(loaded.model(x, t.expand(x.shape[0])), x)  # variance dropped
+            prediction, _ = d.split_model_output(pipe.model(x, t.expand(x.shape[0])), x)  # variance dropped
             x = scheduler.step(prediction, t, x).prev_sample
         return x
 
@@ -103,19 +104,19 @@ def diffusers_sampler(loaded: LoadedModel, name: str, clip: bool) -> Callable[[t
 
 
 @torch.inference_mode()
-def draw(loaded: LoadedModel, config: Config, nfe: int, x_T: torch.Tensor, *, seed: int, batch_size: int,
+def draw(pipe: Pipeline, config: Config, nfe: int, x_T: torch.Tensor, *, seed: int, batch_size: int,
          clip: bool) -> torch.Tensor:
     """Samples for every x_T (batch by batch), with sample i's step noise from its own generator."""
     out = []
-    run = diffusers_sampler(loaded, config.sampler, clip) if config.diffusers else None
+    run = diffusers_sampler(pipe, config.sampler, clip) if config.diffusers else None
     for start in range(0, x_T.shape[0], batch_size):
         x = x_T[start : start + batch_size]
         if run is not None:
             out.append(run(x, nfe))
             continue
         gens = [torch.Generator().manual_seed(s)
-                for s in sample_seeds(seed, range(start, start + x.shape[0]), stream="steps")]
-        out.append(sample(loaded.diffusion, loaded.model, x.shape, sampler=config.sampler, steps=nfe,
+                for s in item_seeds(seed, range(start, start + x.shape[0]), stream="steps")]
+        out.append(sample(pipe.diffusion, pipe.model, x.shape, sampler=config.sampler, steps=nfe,
                           spacing=config.spacing, clip_denoised=clip, generator=gens, noise=x,  # type: ignore[arg-type]
                           **config.options))
     return torch.cat(out).float()
@@ -243,17 +244,18 @@ def main(argv: list[str] | None = None) -> int:
 
     seeds = [int(v) for v in args.seeds.split(",")]
     reference_seeds = seeds if args.reference_seeds is None else [int(v) for v in args.reference_seeds.split(",")]
-    loaded = LoadedModel(args.checkpoint, weights="ema", device=torch.device("cpu"))
-    clip = loaded.is_image
-    ref, extractor, feat_info, _ = make_reference(loaded, "classifier", None, 0)  # one metric for every seed
+    pipe = ddpm.load(args.checkpoint, weights="ema", device="cpu")
+    clip = pipe.is_image
+    ref = make_reference(pipe, features="classifier")  # one metric for every seed
+    feat_info = ref.feature_info or {}
 
     def measure(config: Config, nfe: int, seed: int) -> dict:
-        gens = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, range(args.num), stream="x_T")]
-        x_T = torch.stack([torch.randn(loaded.data_shape, generator=g) for g in gens])
+        gens = [torch.Generator().manual_seed(s) for s in item_seeds(seed, range(args.num), stream="x_T")]
+        x_T = torch.stack([torch.randn(pipe.data_shape, generator=g) for g in gens])
         t0 = time.perf_counter()
-        x = draw(loaded, config, nfe, x_T, seed=seed, batch_size=args.batch_size, clip=clip)
+        x = draw(pipe, config, nfe, x_T, seed=seed, batch_size=args.batch_size, clip=clip)
         seconds = time.perf_counter() - t0
-        m = distance_report(loaded, x, ref, extractor, None)
+        m = distances(x, ref)
         row = {"label": config.label, "sampler": config.sampler, "spacing": config.spacing, "options": config.options,
                "diffusers": config.diffusers, "nfe": nfe, "seed": seed, "distance": round(m["frechet_distance"], 4),
                "kid": round(m["kid"], 5), "classes_present": m["classes_present"], "seconds": round(seconds, 1)}
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if previous:
         reference, rows = merged(previous["reference"], reference), merged(previous["rows"], rows)
     result = {
-        "checkpoint": str(loaded.path), "num_samples": args.num,
+        "checkpoint": str(pipe.source), "num_samples": args.num,
         "nfe": sorted(set(nfes) | set(previous["nfe"] if previous else [])),
         "features": f"{feat_info['name']} (held-out accuracy {feat_info['heldout_accuracy']})",
         "reference": reference, "rows": rows, "summary": {f"{k[0]} @ {k[1]}": v for k, v in summary(rows).items()},

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ddpm.cli import main
+from ddpm.samplers import SAMPLERS
 
 TINY = ["--timesteps", "50", "--batch-size", "8", "--checkpoint-every", "2", "--log-every", "1",
         "--sample-every", "0", "--warmup-steps", "1", "--lr", "1e-3", "--device", "cpu",
@@ -60,14 +61,14 @@ def test_resume_continues_to_more_steps(trained_run: Path, tmp_path: Path) -> No
 
 def test_sample_writes_grid_npz_pngs_and_animation(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "s"
-    code = main(["sample", str(trained_run), "-n", "5", "--steps", "5", "--sampler", "ddim", "--out", str(out),
+    code = main(["sample", str(trained_run), "-n", "5", "--steps", "5", "--out", str(out),
                  "--format", "grid,png,npz", "--animate", "--batch-size", "2", "--device", "cpu"])
     assert code == 0
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
     assert len(list((out / "png").glob("*.png"))) == 5
     assert Image.open(out / "reverse_chain.gif").n_frames > 2
-    # sample i depends on its own seed only: the batch size does not change it
+    # sample i depends on its own seeds only (x_T and the step noise of the default SDE sampler), not on the batch
     out2 = tmp_path / "s2"
     assert main(["sample", str(trained_run), "-n", "3", "--steps", "5", "--out", str(out2), "--batch-size", "3",
                  "--device", "cpu"]) == 0
@@ -153,7 +154,7 @@ def test_eval_and_sweep_on_2d_data(tmp_path: Path) -> None:
     assert main(["sweep", str(out), "-n", "100", "--steps", "5,10", "--out", str(tmp_path / "w"),
                  "--device", "cpu"]) == 0
     rows = json.loads((tmp_path / "w" / "sweep.json").read_text())["rows"]
-    expected = [("ancestral", 5), ("ancestral", 10), ("ddim", 5), ("ddim", 10)]
+    expected = [(name, nfe) for name in SAMPLERS for nfe in (5, 10)]  # every sampler, by network evaluations
     assert [(r["sampler"], r["nfe"]) for r in rows] == expected
     assert main(["sample", str(out), "-n", "50", "--steps", "10", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 0
     assert (tmp_path / "s" / "scatter.png").is_file()

@@ -5,7 +5,7 @@
 
     pipe = ddpm.load("runs/mnist")
     card = evaluate(pipe, num=1000, sampler="ancestral", steps=50)        # a dict; card_markdown(card)
-    rows = sweep(pipe, samplers=["ancestral", "ddim"], nfes=[10, 50], num=300)
+    rows = sweep(pipe, samplers=["ancestral", "dpm++2m-sde"], nfes=[10, 50], num=300)
 
 Features: for the built-in digit sets a small classifier trained once on the training split
 (seeded, cached, held-out accuracy in the card; no download); for other images the Inception-v3
@@ -25,6 +25,7 @@ import torch
 from ddpm.build import build_dataset
 from ddpm.errors import UserError
 from ddpm.pipeline import Pipeline
+from ddpm.samplers import DEFAULT_SAMPLER
 from ddpm.train.config import DataConfig, apply_overrides
 
 DIGIT_SETS = ("mnist5k", "digits", "mnist", "fashion-mnist")
@@ -164,7 +165,7 @@ def headline_metric(ref: Reference) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------- eval card
 def evaluate(
-    pipe: Pipeline, *, num: int, sampler: str = "ancestral", steps: int | None = None, spacing: str | None = None,
+    pipe: Pipeline, *, num: int, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, spacing: str | None = None,
     seed: int = 0, batch_size: int = 100, data: str | None = None, features: str = "auto",
     inception_weights: str | None = None, nll_images: int = 0, nll_terms: int = 40, guidance: float = 1.0,
     guidance_scales: Sequence[float] = (), samples: torch.Tensor | None = None, reference: Reference | None = None,

@@ -34,7 +34,7 @@ from ddpm.errors import CheckpointError, UserError
 from ddpm.guidance import Guided
 from ddpm.likelihood import nll as exact_bound
 from ddpm.likelihood import nll_estimate
-from ddpm.samplers import Spacing, get_spec, sample, sampling_chain
+from ddpm.samplers import DEFAULT_SAMPLER, Spacing, get_spec, sample, sampling_chain
 from ddpm.tensors import check_finite
 from ddpm.train.checkpoint import load_model_weights, read_config, resolve_checkpoint
 from ddpm.train.config import ModelConfig, RunConfig
@@ -199,7 +199,7 @@ class Pipeline:
         self,
         num: int,
         *,
-        sampler: str = "ancestral",
+        sampler: str = DEFAULT_SAMPLER,
         steps: int | None = None,
         spacing: Spacing | None = None,
         seed: int = 0,
@@ -257,7 +257,7 @@ class Pipeline:
         self,
         num: int,
         *,
-        sampler: str = "ancestral",
+        sampler: str = DEFAULT_SAMPLER,
         steps: int | None = None,
         spacing: Spacing | None = None,
         seed: int = 0,

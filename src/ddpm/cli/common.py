@@ -113,6 +113,10 @@ def add_sampler_flags(p: argparse.ArgumentParser, *, sampler: str, steps: int | 
                    help="time grid of the sampler (default: the sampler's own, see ddpm.samplers)")
     p.add_argument("--eta", type=nonnegative_float, default=None,
                    help="noise scale of samplers that have one (ddim: 0 = deterministic; default: the sampler's)")
+    p.add_argument("--churn", type=nonnegative_float, default=None,
+                   help="heun: EDM's S_churn, noise added before each step (default 0 = deterministic)")
+    p.add_argument("--order", type=positive_int, default=None,
+                   help="unipc: order of the predictor (default 2, the corrector adds one)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per network call")
 
 
@@ -139,7 +143,8 @@ def add_class_flags(p: argparse.ArgumentParser, *, all_help: str) -> None:
 
 def sampler_options(args: argparse.Namespace) -> dict[str, float]:
     """The sampler options given on the command line (only those set; the driver checks they apply)."""
-    return {} if args.eta is None else {"eta": args.eta}
+    given = {"eta": args.eta, "churn": args.churn, "order": args.order}
+    return {name: float(value) for name, value in given.items() if value is not None}
 
 
 def say(message: str) -> None:

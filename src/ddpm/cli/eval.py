@@ -19,6 +19,7 @@ from ddpm.cli.common import (
     say,
 )
 from ddpm.evaluate import FEATURES
+from ddpm.samplers import DEFAULT_SAMPLER
 
 
 def register(sub: Any) -> None:
@@ -27,7 +28,7 @@ def register(sub: Any) -> None:
     add_checkpoint_flags(p)
     add_output_flags(p, "eval")
     p.add_argument("-n", "--num", type=positive_int, default=1000, help="samples generated")
-    add_sampler_flags(p, sampler="ancestral", steps=50)
+    add_sampler_flags(p, sampler=DEFAULT_SAMPLER, steps=None)
     p.add_argument("--data", default=None, help="reference data set (default: the run's own; needed for an "
                                                 "imported diffusers pipeline)")
     p.add_argument("--features", choices=FEATURES, default="auto",

@@ -17,13 +17,14 @@ from ddpm.cli.common import (
     sampler_options,
     say,
 )
+from ddpm.samplers import DEFAULT_SAMPLER
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("sample", help="generate samples from a checkpoint", formatter_class=HelpFormatter)
     add_checkpoint_flags(p)
     p.add_argument("-n", "--num", type=positive_int, default=64, help="number of samples (per class with --class all)")
-    add_sampler_flags(p, sampler="ddim", steps=None)
+    add_sampler_flags(p, sampler=DEFAULT_SAMPLER, steps=None)
     add_class_flags(p, all_help="-n samples of every class, the grid one row per class")
     add_output_flags(p, "samples")
     p.add_argument("--format", default="grid,npz", help="comma list of: grid (PNG), png (one file each), npz")

@@ -77,7 +77,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         description="DDIM (Song et al. 2021), eta = 0 deterministic",
     ),
     # Defaults measured with benchmarks/samplers.py (demo MNIST model and 8x8 digits model, cosine
-    # schedule; benchmarks/README.md "Fast samplers"): the spacing that did best around the default NFE.
+    # schedule; benchmarks/results/samplers-*.md): the spacing that did best around the default NFE.
     "dpm++2m": SamplerSpec(
         # karras: best of the four spacings at 8-20 NFE on both models (demo, 10 NFE: 4.6 vs trailing's
         # 6.9); only at 5 NFE is a spacing uniform in t better (12 vs 24)
@@ -85,8 +85,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
         description="DPM-Solver++(2M), second-order multistep ODE solver (Lu et al. 2022b)",
     ),
     "dpm++2m-sde": SamplerSpec(
-        # karras: best at 15-20 NFE on both models (demo, 20 NFE: 3.1 vs trailing's 4.7); trailing is
-        # better at 5-10 NFE (demo, 10 NFE: 4.2 vs 4.7)
+        # karras: best at 10-20 NFE (demo, five seeds at 10 NFE: 4.37 +/- 0.51 against trailing's
+        # 5.17 +/- 0.80; one seed at 20 NFE: 3.1 against 4.7)
         dpmpp_2m_step, "karras", 20, {"eta": 1.0},
         description="SDE-DPM-Solver++(2M): second-order multistep with fresh noise (eta = 1: the reverse SDE)",
     ),
@@ -106,6 +106,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
         description="EDM's Heun sampler (Karras et al. 2022), 2 evaluations per interval; churn > 0 adds noise",
     ),
 }
+
+
+# The default of `ddpm sample`, `ddpm eval` and `Pipeline.sample`, at its default 20 evaluations: the
+# best measured sampler from 10 NFE up on both models (benchmarks/results/samplers-*.md); at 10 NFE it
+# matches 50 ancestral steps on the demo model (4.37 +/- 0.51 against 4.90 +/- 0.47, five seeds).
+DEFAULT_SAMPLER = "dpm++2m-sde"
 
 
 def sampler_names() -> tuple[str, ...]:
@@ -242,6 +248,7 @@ def sample(
 
 
 __all__ = [
+    "DEFAULT_SAMPLER",
     "SAMPLERS",
     "SPACINGS",
     "Denoised",
