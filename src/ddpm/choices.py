@@ -17,7 +17,11 @@ LossWeighting = Literal["none", "min-snr"]
 TimestepSampling = Literal["uniform", "loss-aware"]
 Weights = Literal["ema", "raw"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
-Amp = Literal["none", "bf16", "fp16"]
+Amp = Literal["auto", "none", "bf16", "fp16"]  # "auto": the runtime policy (ddpm.nn.policy) decides
+MemoryFormat = Literal["auto", "channels_last", "contiguous"]
+Attention = Literal["auto", "sdpa", "flash", "efficient", "matmul"]  # how the U-Net computes attention
+Upsample = Literal["auto", "subpixel", "nearest"]  # how the U-Net computes upsample + conv
+Toggle = Literal["auto", "on", "off"]
 EMAWarmup = Literal["none", "ratio", "power"]
 
 SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
@@ -29,6 +33,10 @@ TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
 WEIGHTS: tuple[str, ...] = get_args(Weights)
 DEVICES: tuple[str, ...] = get_args(Device)
 AMPS: tuple[str, ...] = get_args(Amp)
+MEMORY_FORMATS: tuple[str, ...] = get_args(MemoryFormat)
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+UPSAMPLES: tuple[str, ...] = get_args(Upsample)
+TOGGLES: tuple[str, ...] = get_args(Toggle)
 EMA_WARMUPS: tuple[str, ...] = get_args(EMAWarmup)
 
 

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddpm.nn.policy import RuntimePolicy, resolve_policy
 from ddpm.train import distributed as dist_utils
 from ddpm.train.checkpoint import find_latest, load_checkpoint, resolve_checkpoint, save_checkpoint
-from ddpm.train.config import ConfigError, RunConfig, per_rank_batch, save_config, validate_config
+from ddpm.train.config import RunConfig, per_rank_batch, save_config, validate_config
 from ddpm.train.ema import ExponentialMovingAverage
 from ddpm.train.timesteps import make_timestep_sampler
 
@@ -77,17 +78,13 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-class _Autocast(nn.Module):
-    """Runs the wrapped model under autocast and returns float32, so the diffusion maths stay fp32."""
-
-    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model, self.device_type, self.dtype = model, device_type, dtype
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.model(x, t, *args, **kwargs)
-        return out.float()
+def runtime_policy(config: RunConfig, device: torch.device) -> RuntimePolicy:
+    """The run's :class:`~ddpm.nn.policy.RuntimePolicy` on ``device``, from the ``train`` section's choices."""
+    tc = config.train
+    return resolve_policy(
+        device, memory_format=tc.memory_format, amp=tc.amp, attention=tc.attention, upsample=tc.upsample,
+        fused_optimizer=tc.fused_optimizer, compile=tc.compile, field_prefix="train.",
+    )
 
 
 @dataclass
@@ -166,8 +163,7 @@ class Trainer:
         self.device, self.rank, self.world_size = dist_utils.setup_distributed(tc.device)
         self._owns_process_group &= torch.distributed.is_initialized()
         self.local_batch, self.micro_batch = per_rank_batch(config, self.world_size)
-        if tc.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError(f"train.amp='fp16' needs CUDA (the device is {self.device.type}); use 'bf16' or 'none'")
+        self.policy = runtime_policy(config, self.device)
 
         self.config, self.diffusion, self.dataset = config, diffusion, dataset
         self.timestep_sampler = make_timestep_sampler(config.diffusion.timestep_sampling, diffusion.num_timesteps)
@@ -175,16 +171,17 @@ class Trainer:
         self.out_dir = Path(tc.out_dir)
         self.is_main = self.rank == 0
 
-        self.model = model.to(self.device)  # the raw model: checkpoints and EMA read it
+        self.model = self.policy.prepare(model)  # the raw model, on the device: checkpoints and EMA read it
         self.ema = ExponentialMovingAverage(
             self.model, decay=config.ema.decay, warmup=config.ema.warmup,
             inv_gamma=config.ema.inv_gamma, power=config.ema.power,
         )
         op = config.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=op.lr, betas=op.betas, eps=op.eps, weight_decay=op.weight_decay
+            self.model.parameters(), lr=op.lr, betas=op.betas, eps=op.eps, weight_decay=op.weight_decay,
+            **self.policy.optimizer_kwargs(),
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.policy.amp == "fp16")
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         self.forward_model = self._wrap_model()
 
@@ -200,18 +197,19 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- setup
     def _wrap_model(self) -> nn.Module:
-        """DDP (several processes), then torch.compile, then autocast; the raw model stays ``self.model``."""
-        tc = self.config.train
+        """DDP (several processes), then torch.compile, then the policy's autocast; ``self.model`` stays raw."""
         net: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
             net = self.ddp
-        if tc.compile:
+        if self.policy.compile:
             net = torch.compile(net)
-        if tc.amp != "none":
-            net = _Autocast(net, self.device.type, torch.bfloat16 if tc.amp == "bf16" else torch.float16)
-        return net
+        return self.policy.wrap(net)
+
+    def log_runtime(self) -> None:
+        """One metrics line naming how this run computes: the resolved policy and the machine."""
+        self.write_metrics({"step": self.step, "runtime": self.policy.record()})
 
     # ------------------------------------------------------------------------------------ run
     def run(self, *, resume: str | Path | None = None) -> dict[str, Any]:
@@ -225,6 +223,7 @@ class Trainer:
             if resume is not None:
                 self.resume(resume)
             self._start_logging()
+            self.log_runtime()
             while self.step < tc.steps:
                 stats = self.train_step()
                 self.maybe_log(stats)
@@ -491,9 +490,7 @@ class Trainer:
         comparable from one evaluation to the next.
         """
         tc, ds = self.config.train, self.eval_dataset
-        model: nn.Module = self.ema.module
-        if tc.amp != "none":
-            model = _Autocast(model, self.device.type, torch.bfloat16 if tc.amp == "bf16" else torch.float16)
+        model = self.policy.wrap(self.ema.module)
         gen = seeded_generator(self.device, tc.seed, "eval")
         total_loss = total_mse = 0.0
         n = min(len(ds), tc.eval_batches * self.local_batch)

@@ -1,0 +1,207 @@
+"""The runtime policy: rules per device, overrides, what it does to a model, and what a run records."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import ConfigError
+from ddpm.nn import UNet, UNetConfig
+from ddpm.nn.policy import (
+    CPU_FEATURES,
+    CPU_RULES,
+    Machine,
+    PolicyForward,
+    describe_machine,
+    detect_machine,
+    resolve_policy,
+)
+from ddpm.nn.unet import AttentionBlock, Upsample
+from ddpm.schedules import make_betas
+from ddpm.train.config import RunConfig, apply_overrides
+from ddpm.train.trainer import Trainer
+
+from .test_train import T, TinyImages, make_config
+
+TINY = UNetConfig(
+    in_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+    attention_resolutions=(4,), image_size=8, num_groups=4, dropout=0.0,
+)
+XEON_AMX = Machine("cpu", "Xeon", ("amx_bf16", "avx512_bf16", "avx512", "avx2"), 1)
+EPYC_ZEN4 = Machine("cpu", "AMD EPYC", ("avx512_bf16", "avx512_vnni", "avx512", "avx2"), 2)
+EPYC_ZEN3 = Machine("cpu", "AMD EPYC", ("avx2",), 2)
+H200 = Machine("cuda:0", "NVIDIA H200", ("sm_90", "bf16"), 16)
+V100 = Machine("cuda:0", "Tesla V100", ("sm_70",), 8)
+
+
+def random_unet(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    model = UNet(TINY)
+    with torch.no_grad():  # the zero-initialised layers too, so every path shows in the output
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.1)
+    return model
+
+
+# ------------------------------------------------------------------------------------- rules
+@pytest.mark.parametrize(
+    ("machine", "memory_format", "amp", "attention", "upsample"),
+    [
+        (XEON_AMX, "channels_last", "bf16", "matmul", "subpixel"),
+        (EPYC_ZEN4, CPU_RULES["avx512_bf16"].memory_format, "bf16", "matmul", "subpixel"),
+        (EPYC_ZEN3, "contiguous", "none", "sdpa", "subpixel"),
+        (Machine("cpu", "old", (), 1), "contiguous", "none", "sdpa", "nearest"),
+        (H200, "contiguous", "bf16", "sdpa", "nearest"),
+        (V100, "contiguous", "none", "sdpa", "nearest"),
+        (Machine("mps", "mps"), "contiguous", "none", "sdpa", "nearest"),
+    ],
+)
+def test_automatic_choices_follow_the_device_rules(machine, memory_format, amp, attention, upsample):
+    policy = resolve_policy(machine.device, machine=machine)
+    assert (policy.memory_format, policy.amp, policy.attention, policy.upsample) == (
+        memory_format, amp, attention, upsample)
+    assert policy.forced == () and not policy.compile and policy.evidence
+    assert policy.fused_optimizer == (machine.type in ("cpu", "cuda", "mps"))
+
+
+def test_bf16_matmul_attention_only_comes_with_bf16():
+    """Forcing fp32 on a bf16 CPU falls back to the fused attention kernel the rule measured for fp32."""
+    policy = resolve_policy("cpu", amp="none", machine=EPYC_ZEN4)
+    assert policy.amp == "none" and policy.attention == "sdpa" and policy.forced == ("amp",)
+
+
+def test_every_choice_can_be_forced_and_is_listed():
+    policy = resolve_policy(
+        "cpu", memory_format="channels_last", amp="none", attention="matmul", upsample="nearest",
+        fused_optimizer="off", compile=True, machine=EPYC_ZEN3,
+    )
+    assert (policy.memory_format, policy.amp, policy.attention, policy.upsample) == (
+        "channels_last", "none", "matmul", "nearest")
+    assert not policy.fused_optimizer and policy.compile
+    assert set(policy.forced) == {"memory_format", "amp", "attention", "upsample", "fused_optimizer", "compile"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"memory_format": "nhwc"}, r"train\.memory_format='nhwc' is not valid: expected one of 'auto', "),
+        ({"amp": "fp8"}, r"train\.amp='fp8' is not valid"),
+        ({"attention": "fast"}, r"train\.attention='fast' is not valid: .*'matmul'"),
+        ({"upsample": "bilinear"}, r"train\.upsample='bilinear'"),
+        ({"fused_optimizer": "yes"}, r"train\.fused_optimizer='yes' is not valid: .*'on', 'off'"),
+        ({"amp": "fp16"}, r"train\.amp='fp16' needs CUDA \(the device is cpu\)"),
+    ],
+)
+def test_bad_choices_name_the_field(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_policy("cpu", machine=EPYC_ZEN4, field_prefix="train.", **kwargs)
+
+
+def test_config_fields_accept_the_choices_and_refuse_others():
+    cfg = apply_overrides(RunConfig(), {"train.memory_format": "channels_last", "train.fused_optimizer": "off",
+                                        "train.attention": "matmul", "train.upsample": "nearest"})
+    assert cfg.train.memory_format == "channels_last" and cfg.train.fused_optimizer == "off"
+    assert RunConfig().train.amp == "auto"  # the policy decides unless the user does
+    with pytest.raises(ConfigError, match=r"train\.memory_format='nhwc' is not valid"):
+        apply_overrides(RunConfig(), {"train.memory_format": "nhwc"})
+
+
+# ----------------------------------------------------------------------------- on a model
+def test_prepare_sets_layout_and_kernels_without_changing_the_function():
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 50, 300, 999])
+    with torch.no_grad():
+        ref = random_unet()(x, t)
+    policy = resolve_policy("cpu", memory_format="channels_last", amp="none", attention="matmul",
+                            upsample="subpixel", machine=EPYC_ZEN4)
+    model = policy.prepare(random_unet())
+    assert model.memory_format() == torch.channels_last
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(m.kernel == "matmul" for m in model.modules() if isinstance(m, AttentionBlock))
+    assert all(m.subpixel for m in model.modules() if isinstance(m, Upsample))
+    assert policy.wrap(model) is model  # fp32 and PyTorch's attention dispatch: nothing to wrap
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_wrapper_returns_float32_close_to_the_fp32_network():
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 50, 300, 999])
+    with torch.no_grad():
+        ref = random_unet()(x, t)
+    policy = resolve_policy("cpu", amp="bf16", machine=EPYC_ZEN4)
+    net = policy.wrap(policy.prepare(random_unet()))
+    assert isinstance(net, PolicyForward)
+    with torch.no_grad():
+        out = net(x, t)
+    assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in net.parameters())
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.05  # bf16 keeps 8 bits of mantissa: close, but not the fp32 result
+
+
+def test_forced_sdpa_kernel_is_used():
+    """attention='efficient' has no CPU kernel: the error shows the choice reaches PyTorch's dispatcher."""
+    policy = resolve_policy("cpu", amp="none", attention="efficient", machine=EPYC_ZEN4)
+    net = policy.wrap(policy.prepare(random_unet()))
+    with pytest.raises(RuntimeError, match="No available kernel|No viable backend"):
+        net(torch.randn(1, 3, 8, 8), torch.tensor([3]))
+
+
+# --------------------------------------------------------------------------------- machine
+def test_detected_cpu_matches_proc_cpuinfo():
+    machine = detect_machine("cpu")
+    assert machine.type == "cpu" and machine.name and machine.threads == torch.get_num_threads()
+    assert set(machine.features) <= set(CPU_FEATURES)
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    expected = {"amx_bf16": "amx_bf16", "avx512_bf16": "avx512_bf16", "avx512_vnni": "avx512_vnni",
+                "avx512": "avx512f", "avx2": "avx2"}
+    assert set(machine.features) == {ours for ours, linux in expected.items() if linux in flags}
+
+
+def test_describe_machine_names_model_features_and_threads():
+    text = describe_machine("cpu")
+    assert text.startswith(detect_machine("cpu").name) and "thread" in text
+    assert EPYC_ZEN4.describe() == "AMD EPYC (avx512_bf16, avx512_vnni, avx512, avx2; no AMX), 2 threads"
+    assert H200.describe() == "NVIDIA H200 (sm_90, bf16)"
+
+
+def test_record_is_json_and_complete():
+    record = resolve_policy("cpu", memory_format="contiguous", machine=EPYC_ZEN4).record()
+    assert json.loads(json.dumps(record)) == record
+    assert record["machine"] == "AMD EPYC" and record["forced"] == ["memory_format"]
+    for key in ("memory_format", "amp", "attention", "upsample", "fused_optimizer", "compile", "features", "threads"):
+        assert key in record
+
+
+# ------------------------------------------------------------------------------- in a run
+def run_trainer(tmp_path: Path, **overrides: object) -> tuple[Trainer, list[dict]]:
+    cfg = make_config(tmp_path, **{"train.steps": 2, "optim.grad_accum": 1, **overrides})
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, UNet(TINY), GaussianDiffusion(make_betas("linear", T)), TinyImages(n=8, shape=(3, 8, 8)))
+    trainer.run()
+    return trainer, [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trainer_applies_forced_choices_and_records_them(tmp_path):
+    trainer, lines = run_trainer(tmp_path, **{"train.memory_format": "channels_last", "train.amp": "bf16",
+                                              "train.fused_optimizer": "off", "train.upsample": "nearest"})
+    runtime = lines[0]["runtime"]  # the first line says how the run computes
+    assert lines[0]["step"] == 0 and all("runtime" not in x for x in lines[1:])
+    assert (runtime["memory_format"], runtime["amp"], runtime["fused_optimizer"], runtime["upsample"]) == (
+        "channels_last", "bf16", False, "nearest")
+    assert set(runtime["forced"]) == {"memory_format", "amp", "fused_optimizer", "upsample"}
+    assert runtime["machine"] == detect_machine("cpu").name
+    assert trainer.model.memory_format() == torch.channels_last
+    assert trainer.ema.module.memory_format() == torch.channels_last
+    assert not trainer.optimizer.defaults["fused"]
+    assert isinstance(trainer.forward_model, PolicyForward)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
+
+
+def test_trainer_default_is_the_device_rule(tmp_path):
+    _, lines = run_trainer(tmp_path, **{"train.amp": "auto"})
+    expected = resolve_policy("cpu").record()
+    assert lines[0]["runtime"] == expected and expected["forced"] == []
