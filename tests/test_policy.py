@@ -72,6 +72,13 @@ def test_bf16_matmul_attention_only_comes_with_bf16():
     assert policy.amp == "none" and policy.attention == "sdpa" and policy.forced == ("amp",)
 
 
+def test_networks_without_convolutions_stay_float32():
+    mlp = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))
+    assert resolve_policy("cpu", model=mlp, machine=EPYC_ZEN4).amp == "none"
+    assert resolve_policy("cpu", model=UNet(TINY), machine=EPYC_ZEN4).amp == "bf16"
+    assert resolve_policy("cpu", amp="bf16", model=mlp, machine=EPYC_ZEN4).amp == "bf16"  # forced wins
+
+
 def test_every_choice_can_be_forced_and_is_listed():
     policy = resolve_policy(
         "cpu", memory_format="channels_last", amp="none", attention="matmul", upsample="nearest",
@@ -203,5 +210,5 @@ def test_trainer_applies_forced_choices_and_records_them(tmp_path):
 
 def test_trainer_default_is_the_device_rule(tmp_path):
     _, lines = run_trainer(tmp_path, **{"train.amp": "auto"})
-    expected = resolve_policy("cpu").record()
+    expected = resolve_policy("cpu", model=UNet(TINY)).record()
     assert lines[0]["runtime"] == expected and expected["forced"] == []

@@ -78,12 +78,12 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def runtime_policy(config: RunConfig, device: torch.device) -> RuntimePolicy:
-    """The run's :class:`~ddpm.nn.policy.RuntimePolicy` on ``device``, from the ``train`` section's choices."""
+def runtime_policy(config: RunConfig, device: torch.device, model: nn.Module) -> RuntimePolicy:
+    """The run's :class:`~ddpm.nn.policy.RuntimePolicy` for ``model`` on ``device``, from the ``train`` choices."""
     tc = config.train
     return resolve_policy(
         device, memory_format=tc.memory_format, amp=tc.amp, attention=tc.attention, upsample=tc.upsample,
-        fused_optimizer=tc.fused_optimizer, compile=tc.compile, field_prefix="train.",
+        fused_optimizer=tc.fused_optimizer, compile=tc.compile, model=model, field_prefix="train.",
     )
 
 
@@ -163,7 +163,7 @@ class Trainer:
         self.device, self.rank, self.world_size = dist_utils.setup_distributed(tc.device)
         self._owns_process_group &= torch.distributed.is_initialized()
         self.local_batch, self.micro_batch = per_rank_batch(config, self.world_size)
-        self.policy = runtime_policy(config, self.device)
+        self.policy = runtime_policy(config, self.device, model)
 
         self.config, self.diffusion, self.dataset = config, diffusion, dataset
         self.timestep_sampler = make_timestep_sampler(config.diffusion.timestep_sampling, diffusion.num_timesteps)
