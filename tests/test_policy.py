@@ -12,6 +12,7 @@ from ddpm.nn import UNet, UNetConfig
 from ddpm.nn.policy import (
     CPU_FEATURES,
     CPU_RULES,
+    CudaGraphForward,
     Machine,
     PolicyForward,
     describe_machine,
@@ -212,3 +213,30 @@ def test_trainer_default_is_the_device_rule(tmp_path):
     _, lines = run_trainer(tmp_path, **{"train.amp": "auto"})
     expected = resolve_policy("cpu", model=UNet(TINY)).record()
     assert lines[0]["runtime"] == expected and expected["forced"] == []
+
+
+# ---------------------------------------------------------------------------------- sampling
+def test_sampling_forward_is_the_wrapped_model_unless_cuda_graphs():
+    policy = resolve_policy("cpu", amp="none", machine=EPYC_ZEN4)
+    model = policy.prepare(random_unet())
+    assert policy.sampling_forward(model) is model and not model.training and not policy.cuda_graphs
+    with pytest.raises(ConfigError, match=r"cuda_graphs='on' needs CUDA \(the device is cpu\)"):
+        resolve_policy("cpu", cuda_graphs="on", machine=EPYC_ZEN4)
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA tensor"):
+        CudaGraphForward(model)(torch.randn(1, 3, 8, 8), torch.tensor([1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+def test_cuda_graph_replay_matches_eager_and_follows_weight_updates():
+    policy = resolve_policy("cuda", amp="bf16", cuda_graphs="on")
+    model = policy.prepare(random_unet())
+    net = policy.sampling_forward(model)
+    x, t = torch.randn(4, 3, 8, 8, device="cuda"), torch.tensor([1, 2, 3, 4], device="cuda")
+    with torch.inference_mode():
+        eager = policy.wrap(model)(x, t)
+        torch.testing.assert_close(net(x, t), eager)
+        torch.testing.assert_close(net(2 * x, t), policy.wrap(model)(2 * x, t))  # new inputs are copied in
+    with torch.no_grad():
+        model.conv_out.bias.add_(1.0)  # an in-place update (as the EMA makes) reaches the graph
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x, t), eager + 1.0, rtol=2e-2, atol=2e-2)

@@ -1,6 +1,6 @@
 """The runtime policy: how a network runs on a device, as opposed to what it computes.
 
-Six choices, each ``"auto"`` (the rules below) or forced by the user:
+Seven choices, each ``"auto"`` (the rules below) or forced by the user:
 
 * ``memory_format``: ``"channels_last"`` (NHWC) or ``"contiguous"`` (NCHW) for the 4-D weights, and
   so for the activations (:class:`ddpm.nn.UNet` follows the layout of its weights);
@@ -12,7 +12,9 @@ Six choices, each ``"auto"`` (the rules below) or forced by the user:
 * ``upsample``: ``"subpixel"`` computes each upsampling conv as four 2x2 convs of the low-resolution
   input (2.25x fewer multiply-adds, same function), ``"nearest"`` upsamples and then convolves;
 * ``fused_optimizer``: one fused AdamW kernel instead of per-tensor loops;
-* ``compile``: ``torch.compile`` of the training forward; never automatic (see below).
+* ``compile``: ``torch.compile`` of the training forward; never automatic (see below);
+* ``cuda_graphs``: for sampling, each network evaluation replayed from a captured CUDA graph
+  (:class:`CudaGraphForward`); off under ``"auto"`` until ``benchmarks/gpu.py`` has measured it.
 
 The ``"auto"`` rules (README "Speed" and ``benchmarks/results/`` hold the measurements):
 
@@ -64,6 +66,7 @@ from ddpm.nn.unet import Upsample as UpsampleBlock
 __all__ = [
     "CPU_RULES",
     "CUDA_RULE",
+    "CudaGraphForward",
     "Rule",
     "Machine",
     "PolicyForward",
@@ -205,6 +208,7 @@ class RuntimePolicy:
     upsample: ResolvedUpsample
     fused_optimizer: bool
     compile: bool
+    cuda_graphs: bool = False  # sampling: replay each network evaluation from a captured CUDA graph
     forced: tuple[str, ...] = ()  # the fields the user set; the others follow the rules
     evidence: str = ""  # the measurement behind the automatic choices
 
@@ -238,13 +242,20 @@ class RuntimePolicy:
         """Autocast and the choice of fused attention kernel, for the duration of a forward pass."""
         with contextlib.ExitStack() as stack:
             if self.autocast_dtype is not None:
-                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+                # No cache of cast weights: each weight is used once per forward, and CUDA graph
+                # capture (CudaGraphForward) needs the casts inside the graph.
+                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False))
             if self.attention in ("flash", "efficient"):
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
                 kernel = SDPBackend.FLASH_ATTENTION if self.attention == "flash" else SDPBackend.EFFICIENT_ATTENTION
                 stack.enter_context(sdpa_kernel([kernel]))
             yield
+
+    def sampling_forward(self, model: nn.Module) -> nn.Module:
+        """The network for sampling: :meth:`wrap`, replayed from CUDA graphs when ``cuda_graphs`` is on."""
+        net = self.wrap(model.eval())
+        return CudaGraphForward(net) if self.cuda_graphs else net
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``torch.optim.AdamW``: ``{"fused": True}``, or ``{}`` for PyTorch's default."""
@@ -257,8 +268,49 @@ class RuntimePolicy:
             "device": m.device, "machine": m.name, "features": list(m.features), "threads": m.threads,
             "memory_format": self.memory_format, "amp": self.amp, "attention": self.attention,
             "upsample": self.upsample, "fused_optimizer": self.fused_optimizer, "compile": self.compile,
+            "cuda_graphs": self.cuda_graphs,
             "forced": list(self.forced), "evidence": self.evidence, "torch": torch.__version__,
         }
+
+
+class CudaGraphForward(nn.Module):
+    """``model(x, t)`` for sampling, replayed from a captured CUDA graph: one launch per evaluation.
+
+    The first call with a given input shape captures the forward into a graph with its own input
+    and output buffers; every call copies ``x`` and ``t`` in, replays, and returns a copy of the
+    output. For inference only (no autograd; the weights must not be replaced, only updated in
+    place). Needs CUDA.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA tensor, got one on {x.device}")
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, x.device)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x.clone(), t.clone())
+        graph, static_x, static_t, static_out = self._graphs[key]
+        static_x.copy_(x)
+        static_t.copy_(t)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor, t: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph: kernels chosen, workspaces allocated
+            for _ in range(3):
+                self.model(x, t)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.model(x, t)
+        return graph, x, t, out
 
 
 class PolicyForward(nn.Module):
@@ -305,6 +357,7 @@ def resolve_policy(
     upsample: Upsample = "auto",
     fused_optimizer: Toggle = "auto",
     compile: bool = False,
+    cuda_graphs: Toggle = "auto",
     model: nn.Module | None = None,
     machine: Machine | None = None,
     field_prefix: str = "",
@@ -320,13 +373,15 @@ def resolve_policy(
     which runs on GPUs only here).
     """
     chosen = {"memory_format": memory_format, "amp": amp, "attention": attention, "upsample": upsample,
-              "fused_optimizer": fused_optimizer}
-    for (name, value), valid in zip(chosen.items(), (MEMORY_FORMATS, AMPS, ATTENTIONS, UPSAMPLES, TOGGLES),
-                                    strict=True):
-        _check(field_prefix + name, value, valid)
+              "fused_optimizer": fused_optimizer, "cuda_graphs": cuda_graphs}
+    valid = (MEMORY_FORMATS, AMPS, ATTENTIONS, UPSAMPLES, TOGGLES, TOGGLES)
+    for (name, value), options in zip(chosen.items(), valid, strict=True):
+        _check(field_prefix + name, value, options)
     machine = machine or detect_machine(device)
-    if amp == "fp16" and machine.type != "cuda":
-        raise ConfigError(f"{field_prefix}amp='fp16' needs CUDA (the device is {machine.type}); use 'bf16' or 'none'")
+    for name, needs_cuda in (("amp", amp == "fp16"), ("cuda_graphs", cuda_graphs == "on")):
+        if needs_cuda and machine.type != "cuda":
+            raise ConfigError(f"{field_prefix}{name}={chosen[name]!r} needs CUDA (the device is {machine.type})"
+                              + ("; use 'bf16' or 'none'" if name == "amp" else ""))
     auto = _auto_rule(machine)
     if model is not None and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         auto = dataclasses.replace(auto, amp="none", evidence=auto.evidence + "; no convolutions: float32")
@@ -341,6 +396,7 @@ def resolve_policy(
         upsample=auto.upsample if upsample == "auto" else upsample,  # type: ignore[arg-type]
         fused_optimizer=fused,
         compile=compile,
+        cuda_graphs=cuda_graphs == "on",  # "auto": off until benchmarks/gpu.py shows it pays
         forced=forced,
         evidence=auto.evidence,
     )
