@@ -156,7 +156,8 @@ def test_forced_sdpa_kernel_is_used():
 
 
 # --------------------------------------------------------------------------------- machine
-def test_detected_cpu_matches_proc_cpuinfo():
+def test_detected_cpu_matches_proc_cpuinfo(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     machine = detect_machine("cpu")
     assert machine.type == "cpu" and machine.name and machine.threads == torch.get_num_threads()
     assert set(machine.features) <= set(CPU_FEATURES)
@@ -167,6 +168,14 @@ def test_detected_cpu_matches_proc_cpuinfo():
     expected = {"amx_bf16": "amx_bf16", "avx512_bf16": "avx512_bf16", "avx512_vnni": "avx512_vnni",
                 "avx512": "avx512f", "avx2": "avx2"}
     assert set(machine.features) == {ours for ours, linux in expected.items() if linux in flags}
+
+
+def test_an_isa_cap_makes_the_cpu_the_one_it_emulates(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    machine = detect_machine("cpu")
+    assert set(machine.features) <= {"avx2"} and "ONEDNN_MAX_CPU_ISA=AVX2" in machine.cap
+    assert "capped: ONEDNN_MAX_CPU_ISA=AVX2" in machine.describe()
+    assert resolve_policy("cpu").amp == "none"  # no native bf16 left
 
 
 def test_describe_machine_names_model_features_and_threads():

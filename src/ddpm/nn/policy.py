@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ class Machine:
     name: str  # CPU model or GPU name
     features: tuple[str, ...] = ()
     threads: int = 1  # torch intra-op threads (CPU work)
+    cap: str = ""  # instruction-set caps in force (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), if any
 
     @property
     def type(self) -> str:
@@ -139,7 +141,8 @@ class Machine:
         if self.type != "cpu":
             return f"{self.name} ({feats})"
         amx = "" if "amx_bf16" in self.features else "; no AMX"
-        return f"{self.name} ({feats}{amx}), {self.threads} thread{'s' if self.threads != 1 else ''}"
+        cap = f"; capped: {self.cap}" if self.cap else ""
+        return f"{self.name} ({feats}{amx}{cap}), {self.threads} thread{'s' if self.threads != 1 else ''}"
 
 
 def _cpu_flags() -> tuple[str, set[str]]:
@@ -168,6 +171,30 @@ def _cpu_flags() -> tuple[str, set[str]]:
     return name, flags
 
 
+# What an instruction-set cap leaves usable: ONEDNN_MAX_CPU_ISA caps oneDNN (convolutions, matmuls),
+# ATEN_CPU_CAPABILITY PyTorch's own kernels. A capped CPU is treated as the CPU it then emulates.
+_ISA_CAPS: dict[str, tuple[str, ...]] = {
+    "DEFAULT": (), "SSE41": (), "AVX": (), "AVX2": ("avx2",), "AVX2_VNNI": ("avx2",), "AVX2_VNNI_2": ("avx2",),
+    "AVX512_CORE": ("avx512", "avx2"), "AVX512_CORE_VNNI": ("avx512_vnni", "avx512", "avx2"),
+    "AVX512_CORE_BF16": ("avx512_bf16", "avx512_vnni", "avx512", "avx2"),
+}
+
+
+def _isa_caps() -> tuple[str, set[str] | None]:
+    """(a note naming the caps in force, the features they leave; None: no cap)."""
+    notes, allowed = [], None
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if onednn in _ISA_CAPS:
+        notes.append(f"ONEDNN_MAX_CPU_ISA={onednn}")
+        allowed = set(_ISA_CAPS[onednn])
+    aten = torch.backends.cpu.get_cpu_capability().upper()
+    if aten in ("DEFAULT", "AVX2", "NO AVX"):
+        notes.append(f"PyTorch kernels {aten}")
+        aten_allowed = set(_ISA_CAPS.get(aten, ()))
+        allowed = aten_allowed if allowed is None else allowed & aten_allowed
+    return ", ".join(notes), allowed
+
+
 def detect_machine(device: torch.device | str = "cpu") -> Machine:
     """The :class:`Machine` of ``device`` on this host."""
     device = torch.device(device)
@@ -179,7 +206,9 @@ def detect_machine(device: torch.device | str = "cpu") -> Machine:
         return Machine(f"cuda:{index}", torch.cuda.get_device_name(index), feats, threads)
     if device.type == "cpu":
         name, flags = _cpu_flags()
-        return Machine("cpu", name, tuple(f for f in CPU_FEATURES if f in flags), threads)
+        cap, allowed = _isa_caps()
+        feats = tuple(f for f in CPU_FEATURES if f in flags and (allowed is None or f in allowed))
+        return Machine("cpu", name, feats, threads, cap=cap)
     return Machine(str(device), device.type, (), threads)
 
 
@@ -266,6 +295,7 @@ class RuntimePolicy:
         m = self.machine
         return {
             "device": m.device, "machine": m.name, "features": list(m.features), "threads": m.threads,
+            "isa_cap": m.cap,
             "memory_format": self.memory_format, "amp": self.amp, "attention": self.attention,
             "upsample": self.upsample, "fused_optimizer": self.fused_optimizer, "compile": self.compile,
             "cuda_graphs": self.cuda_graphs,
