@@ -81,11 +81,14 @@ def test_nll_exact_and_estimate(trained_run: Path, tmp_path: Path) -> None:
     assert main(["nll", str(trained_run), "--data", str(data), "--split", "train", "-n", "4", "--out", str(out),
                  "--device", "cpu"]) == 0
     exact = json.loads((out / "nll.json").read_text())
-    parts = exact["prior_bpd (L_T)"] + exact["kl_bpd (sum of L_{t-1})"] + exact["decoder_bpd (L_0)"]
+    parts = exact["prior_bpd"] + exact["kl_bpd"] + exact["decoder_bpd"]
     assert exact["total_bpd"] == pytest.approx(parts, rel=1e-9)
     assert (out / "terms.png").is_file()
-    assert main(["nll", str(trained_run), "--data", str(data), "--split", "train", "-n", "4", "--estimate", "10",
-                 "--out", str(out), "--device", "cpu"]) == 0
+    estimate = ["nll", str(trained_run), "--data", str(data), "--split", "train", "-n", "4", "--estimate", "10",
+                "--out", str(out), "--device", "cpu"]
+    assert main(estimate) == 2  # never overwrites the exact result silently
+    assert json.loads((out / "nll.json").read_text()) == exact
+    assert main([*estimate, "--force"]) == 0
     est = json.loads((out / "nll.json").read_text())
     assert est["stderr_bpd"] > 0 and est["mode"].startswith("importance")
 
@@ -151,9 +154,80 @@ def test_eval_and_sweep_on_2d_data(tmp_path: Path) -> None:
                  "--device", "cpu"]) == 0
     rows = json.loads((tmp_path / "w" / "sweep.json").read_text())["rows"]
     expected = [("ancestral", 5), ("ancestral", 10), ("ddim", 5), ("ddim", 10)]
-    assert [(r["sampler"], r["steps"]) for r in rows] == expected
+    assert [(r["sampler"], r["nfe"]) for r in rows] == expected
     assert main(["sample", str(out), "-n", "50", "--steps", "10", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 0
     assert (tmp_path / "s" / "scatter.png").is_file()
     samples = torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["samples"])
     assert samples.shape == (50, 2)
     assert samples.abs().max() > 1.0  # vectors are not clipped to the image range [-1, 1]
+
+
+def test_sample_never_overwrites_earlier_results(trained_run: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    args = ["sample", str(run), "-n", "2", "--steps", "3", "--device", "cpu"]
+    assert main(args) == 0 and main([*args, "--seed", "1"]) == 0  # default folders: samples, samples-2
+    first, second = np.load(run / "samples" / "samples.npz")["images"], np.load(run / "samples-2" / "samples.npz")
+    assert not np.array_equal(first, second["images"])
+    out = tmp_path / "mine"
+    assert main([*args, "--out", str(out)]) == 0
+    before = (out / "samples.npz").read_bytes()
+    assert main([*args, "--out", str(out), "--seed", "5"]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "samples.npz").read_bytes() == before
+    assert main([*args, "--out", str(out), "--seed", "5", "--force"]) == 0
+    assert (out / "samples.npz").read_bytes() != before
+    assert main([*args, "--out", str(tmp_path / "f"), "--format", "jpeg"]) == 2
+    assert "jpeg" in capsys.readouterr().err and not (tmp_path / "f").exists()
+
+
+def test_help_shows_the_configuration_defaults(capsys: pytest.CaptureFixture) -> None:
+    from ddpm.train.config import RunConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    defaults = RunConfig()
+    assert "(default: None)" not in text
+    for flag, value in (("--steps", defaults.train.steps), ("--lr", defaults.optim.lr),
+                        ("--batch-size", defaults.train.batch_size), ("--ema-decay", defaults.ema.decay)):
+        assert f"(default: {value})" in text.split(f" {flag} ", 1)[1].split(" --", 1)[0], flag
+
+
+def test_export_and_every_command_on_a_diffusers_folder(trained_run: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    export = tmp_path / "export"
+    assert main(["export", str(trained_run), str(export)]) == 0
+    assert (export / "model_index.json").is_file()
+    assert (export / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert main(["export", str(trained_run), str(export)]) == 2  # never over an earlier export
+    assert "not empty" in capsys.readouterr().err
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["-n", "3", "--steps", "5", "--device", "cpu", "--format", "npz"]
+    assert main(["sample", str(trained_run), "--out", str(a), *common]) == 0
+    assert main(["sample", str(export), "--out", str(b), *common]) == 0
+    np.testing.assert_array_equal(np.load(a / "samples.npz")["images"], np.load(b / "samples.npz")["images"])
+    data = write_folder(tmp_path / "data")
+    nll = ["nll", str(export), "-n", "2", "--estimate", "4", "--out", str(tmp_path / "n"), "--device", "cpu"]
+    assert main(nll) == 2
+    assert "pass --data" in capsys.readouterr().err
+    assert main(["nll", str(export), "--data", str(data), "--split", "train", "-n", "2", "--estimate", "4",
+                 "--out", str(tmp_path / "n"), "--device", "cpu"]) == 0
+
+
+def test_prepare_then_train_streaming_from_the_cache(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = write_folder(tmp_path / "data")
+    (data / "broken.png").write_bytes(b"not a png")
+    cache = tmp_path / "prepared"
+    assert main(["prepare", str(data), "--image-size", "8", "--workers", "1", "--out", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "25 images" not in out and "24 images" in out and "1 undecodable" in out and "broken.png" in out
+    args = ["train", "--data", str(cache), "--steps", "2", "--out", str(tmp_path / "r"), "--loader", "stream",
+            "--workers", "0", "--set", "model.num_groups=8", *TINY]
+    assert main(args) == 2 and "broken.png" in capsys.readouterr().err  # stops on the bad file unless skipped
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert main([*args, "--skip-bad-images"]) == 0
+    assert (tmp_path / "r" / "ckpt-00000002").is_dir()
+    assert main(["prepare", str(tmp_path / "nowhere")]) == 2

@@ -83,7 +83,10 @@ def test_folder_mixed_formats_shapes_and_grid(mixed_folder: Path):
     ds = load_dataset(str(mixed_folder), image_size=8, holdout_fraction=0.0)
     assert isinstance(ds, ArrayDataset)
     assert len(ds) == 6 and ds.shape == (3, 8, 8) and ds.kind == "image"
-    assert ds.data.dtype == torch.uint8 and ds.labels is None and ds.num_classes is None
+    assert ds.data.dtype == torch.uint8
+    # Every image sits under a first-level sub-folder: the sorted sub-folder names are the classes.
+    assert ds.class_names == ("a", "b", "c") and ds.num_classes == 3
+    assert ds.labels.tolist() == [0, 0, 1, 1, 2, 2]  # a/first, a/z/grey, b/bitmap, b/photo, c/alpha.png, .webp
     batch = ds.get_batch(torch.arange(len(ds)))
     assert batch.shape == (6, 3, 8, 8) and batch.dtype == torch.float32
     assert on_grid(batch)

@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -133,3 +134,44 @@ def test_shard_indices():
     assert [shard_indices(6, r, 3) for r in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 6)]
     with pytest.raises(ValueError, match="not divisible by world size 4"):
         shard_indices(6, 0, 4)
+
+
+def streamed_worker(rank: int, world: int, port: int, root: str) -> None:
+    """A torchrun-like process training on a memory-mapped folder cache, read by a DataLoader worker."""
+    from ddpm.data import MappedImages, load_dataset
+
+    os.environ.update({
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    })
+    torch.set_num_threads(1)
+    data = load_dataset(Path(root) / "folder", holdout_fraction=0, loader="stream",
+                        prepared_dir=Path(root) / "prepared")
+    assert isinstance(data, MappedImages)
+    config = make_config(Path(root) / "two", 4, **{"data.workers": 1})
+    torch.manual_seed(0)
+    Trainer(config, Net(), ddpm.GaussianDiffusion(ddpm.make_betas("linear", T)), data).run()
+
+
+def test_two_streaming_processes_equal_one_in_memory(tmp_path):
+    """Each rank reads only its share of every batch from the cache; the result is the 1-process run's."""
+    from PIL import Image
+
+    from ddpm.data import load_dataset, prepare_cache
+
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        (tmp_path / "folder").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(4, 4), dtype=np.uint8)).save(tmp_path / "folder" / f"{i:02d}.png")
+    prepare_cache(tmp_path / "folder", image_size=None, prepared_dir=tmp_path / "prepared", workers=1)
+    mp.spawn(streamed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+
+    memory = load_dataset(tmp_path / "folder", holdout_fraction=0, loader="memory", cache_images=False)
+    torch.manual_seed(0)
+    Trainer(make_config(tmp_path / "one", 4), Net(), ddpm.GaussianDiffusion(ddpm.make_betas("linear", T)),
+            memory).run()
+    for which in ("raw", "ema"):
+        expected = load_weights(tmp_path / "one" / "ckpt-00000004", which)
+        got = load_weights(tmp_path / "two" / "ckpt-00000004", which)
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=0, msg=k)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import ddpm
+from ddpm.errors import CheckpointError
 from ddpm.train import checkpoint as ckpt_mod
 from ddpm.train.checkpoint import (
     ArchitectureMismatchError,
@@ -209,7 +210,7 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
         real_write(path, data)
 
     monkeypatch.setattr(ckpt_mod, "_write_bytes", failing_write)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated.*untouched"):
         make_trainer(make_config(out, **{"train.steps": 6})).run(resume="auto")
     monkeypatch.undo()
 
@@ -232,9 +233,13 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
 
 def test_keep_last(tmp_path):
     cfg = make_config(tmp_path, **{"train.checkpoint_every": 1, "train.keep_last": 2})
-    make_trainer(cfg).run()
+    trainer = make_trainer(cfg)
+    trainer.run()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000005", "ckpt-00000006"]
-    make_trainer(make_config(tmp_path, **{"train.steps": 6, "train.checkpoint_every": 0})).run()  # re-save 6
+    make_trainer(make_config(tmp_path, **{"train.steps": 6, "train.checkpoint_every": 0})).run(resume="auto")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000005", "ckpt-00000006"]
+    ckpt_mod.save_checkpoint(tmp_path, 6, model=trainer.model, ema_state=trainer.ema.state_dict(),  # re-save 6
+                             train_state=trainer.train_state(), config=cfg, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000005", "ckpt-00000006"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
@@ -273,32 +278,36 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 # ------------------------------------------------------------------------------- non-finite
 
 
-class NaNAfter(TinyNet):
-    """Returns NaN from forward call number ``after + 1`` on."""
+class Poisonable(TinyNet):
+    """Returns NaN while ``poisoned`` is set, whatever its weights."""
 
-    def __init__(self, after: int) -> None:
-        super().__init__()
-        self.after, self.calls = after, 0
+    poisoned = False
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
         y = super().forward(x, t)
-        return y * float("nan") if self.calls > self.after else y
+        return y * float("nan") if self.poisoned else y
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, caplog):
     cfg = make_config(tmp_path, **{
         "optim.grad_accum": 1, "train.steps": 20, "train.checkpoint_every": 2, "train.max_nonfinite": 3,
+        "train.sample_every": 1,
     })
     torch.manual_seed(0)
-    trainer = make_trainer(cfg, NaNAfter(4))  # steps 1-4 fine, 5, 6, 7 non-finite
+    net = Poisonable()
+
+    def poison_after_4(model, step):  # runs at the end of each step, after its checkpoint
+        net.poisoned = step >= 4
+
+    trainer = make_trainer(cfg, net, sample_fn=poison_after_4)  # steps 1-4 fine, 5, 6, 7 non-finite
     with pytest.raises(NonFiniteLossError, match=r"non-finite for 3 steps in a row \(steps 5\.\.7") as err:
         trainer.run()
     assert "ckpt-00000004" in str(err.value)
     assert trainer.step == 7 and trainer.nonfinite_total == 3
     assert sum("skipped: non-finite" in r.message for r in caplog.records) == 3
+    assert sum("not checkpointing" in r.message for r in caplog.records) == 1  # step 6 was due
     last = find_latest(tmp_path)
-    assert last.name == "ckpt-00000004"  # step 6 was due but not written during the bad streak
+    assert last.name == "ckpt-00000004"
     for which in ("raw", "ema"):
         assert all(torch.isfinite(v).all() for v in load_weights(last, which).values())
     # No update was applied in the skipped steps: the weights are those of the checkpoint.

@@ -8,18 +8,28 @@ in bits/dim); shared tensor helpers are in :mod:`ddpm.tensors` and every closed 
 :mod:`ddpm.choices`. Networks are in
 :mod:`ddpm.nn`, data in :mod:`ddpm.data`, training in :mod:`ddpm.train`, metrics in
 :mod:`ddpm.eval`, pictures in :mod:`ddpm.viz` and the command line in :mod:`ddpm.cli`.
+
+The run API: :func:`ddpm.fit` trains from a configuration and :func:`ddpm.load` returns a
+:class:`ddpm.Pipeline` (sample, bound, export) from a run, a checkpoint or a diffusers folder.
 """
 
 from ddpm.diffusion import GaussianDiffusion, PMeanVariance, TrainingLosses, eps_from_x0, x0_from_prediction
 from ddpm.distributions import discretized_gaussian_log_likelihood, normal_kl
+from ddpm.fit import TrainResult, fit
 from ddpm.likelihood import NLLEstimate, NLLResult, nll, nll_estimate
 from ddpm.nn import MLPConfig, MLPDenoiser, UNet, UNetConfig, load_pretrained, mlp_preset, unet_preset
+from ddpm.pipeline import Bound, Pipeline, load
 from ddpm.samplers import SAMPLERS, sample
 from ddpm.schedules import Schedule, make_betas, respace_betas, space_timesteps
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bound",
+    "Pipeline",
+    "TrainResult",
+    "fit",
+    "load",
     "GaussianDiffusion",
     "MLPConfig",
     "MLPDenoiser",

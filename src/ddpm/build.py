@@ -12,8 +12,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ddpm.data import ArrayDataset, load_dataset
+from ddpm.data import ArrayDataset, LazyImages, load_dataset
+from ddpm.data.hf import HFStream
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import ConfigError, DataError, UserError
 from ddpm.nn import MLP_PRESETS, PRESETS, MLPDenoiser, UNet, mlp_preset, unet_preset
 from ddpm.schedules import make_betas
 from ddpm.train.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
@@ -23,8 +25,22 @@ UNET_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_res
 MLP_FIELDS = ("hidden", "num_blocks", "dropout")
 
 
-def build_dataset(cfg: DataConfig, split: Literal["train", "test"] = "train", *, seed: int = 0) -> ArrayDataset:
-    """Load one split of ``cfg.dataset`` into memory."""
+def build_dataset(
+    cfg: DataConfig, split: Literal["train", "test"] = "train", *, seed: int = 0
+) -> ArrayDataset | LazyImages | HFStream:
+    """One split of ``cfg.dataset``: in memory, or on demand for large image data (``cfg.loader``).
+
+    Problems with the data are :class:`~ddpm.errors.DataError`.
+    """
+    try:
+        return _load(cfg, split, seed)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:  # the data layer's complaints about the user's data
+        raise DataError(str(exc)) from exc
+
+
+def _load(cfg: DataConfig, split: Literal["train", "test"], seed: int) -> ArrayDataset | LazyImages | HFStream:
     return load_dataset(
         cfg.dataset,
         split=split,
@@ -34,19 +50,46 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "test"] = "train", *,
         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
         num_points=cfg.num_points,
         holdout_fraction=cfg.holdout_fraction,
+        array_key=cfg.data_key,
         seed=seed,
+        loader=cfg.loader,
+        prepared_dir=Path(cfg.prepared_dir).expanduser() if cfg.prepared_dir else None,
+        cache_images=cfg.cache_images,
+        workers=cfg.workers,
+        hf_streaming=cfg.hf_streaming,
     )
+
+
+# Data sets whose images are not mirror-symmetric in meaning: flips are off unless asked for.
+UNFLIPPABLE_DATASETS = ("mnist5k", "digits", "mnist")
+
+
+def resolve_hflip(cfg: DataConfig, dataset: ArrayDataset) -> bool:
+    """``cfg.hflip`` when set; otherwise flips for images except the digit sets, never for vectors."""
+    from ddpm.data.registry import resolve_name
+
+    if dataset.kind != "image":
+        return False
+    if cfg.hflip is not None:
+        return cfg.hflip
+    name = resolve_name(cfg.dataset) if isinstance(cfg.dataset, str) else None
+    return name not in UNFLIPPABLE_DATASETS
 
 
 def build_diffusion(cfg: DiffusionConfig) -> GaussianDiffusion:
-    return GaussianDiffusion(
-        make_betas(cfg.schedule, cfg.timesteps),
-        prediction=cfg.prediction,
-        variance=cfg.variance,
-        loss=cfg.loss,
-        loss_weighting=cfg.loss_weighting,
-        min_snr_gamma=cfg.min_snr_gamma,
-    )
+    """The diffusion ``cfg`` describes (explicit ``betas`` win over the named ``schedule``)."""
+    try:
+        betas = make_betas(cfg.schedule if cfg.betas is None else cfg.betas, cfg.timesteps)
+        return GaussianDiffusion(
+            betas,
+            prediction=cfg.prediction,
+            variance=cfg.variance,
+            loss=cfg.loss,
+            loss_weighting=cfg.loss_weighting,
+            min_snr_gamma=cfg.min_snr_gamma,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"[diffusion] {exc}") from exc
 
 
 def auto_preset(data_shape: tuple[int, ...]) -> str:
@@ -54,10 +97,10 @@ def auto_preset(data_shape: tuple[int, ...]) -> str:
     if len(data_shape) == 1:
         return "mlp-2d"
     if len(data_shape) != 3:
-        raise ValueError(f"cannot pick a network for data of shape {data_shape}; expected [C, H, W] or [D]")
+        raise ConfigError(f"cannot pick a network for data of shape {data_shape}; expected [C, H, W] or [D]")
     _, h, w = data_shape
     if h != w:
-        raise ValueError(f"images must be square for the U-Net presets, got {h}x{w}; set data.image_size")
+        raise ConfigError(f"images must be square for the U-Net presets, got {h}x{w}; set data.image_size")
     if h <= 8:
         return "digits-8"
     if h <= 28:
@@ -70,17 +113,24 @@ def auto_preset(data_shape: tuple[int, ...]) -> str:
 def model_spec(cfg: ModelConfig, data_shape: tuple[int, ...], *, learned_sigma: bool) -> tuple[str, dict[str, Any]]:
     """The resolved preset name and the full architecture dict of the network for this data."""
     preset = auto_preset(data_shape) if cfg.preset == "auto" else cfg.preset
+    if cfg.class_cond and cfg.num_classes is None:
+        raise ConfigError("model.class_cond is set but model.num_classes is not (ddpm.fit takes it from the data)")
+    classes = {"num_classes": cfg.num_classes} if cfg.class_cond else {}
     if preset in MLP_PRESETS:
         if len(data_shape) != 1:
-            raise ValueError(f"model preset {preset!r} is for vector data, but the data has shape {data_shape}")
+            raise ConfigError(f"model preset {preset!r} is for vector data, but the data has shape {data_shape}")
         overrides = {k: getattr(cfg, k) for k in MLP_FIELDS if getattr(cfg, k) is not None}
-        arch = mlp_preset(preset, dim=data_shape[0], learned_sigma=learned_sigma, **overrides).to_dict()
+        try:
+            arch = mlp_preset(preset, dim=data_shape[0], learned_sigma=learned_sigma, **classes,
+                              **overrides).to_dict()
+        except ValueError as exc:
+            raise ConfigError(f"[model] {exc}") from exc
         return preset, {"kind": "mlp", **arch}
     if preset not in PRESETS:
         valid = ", ".join(["auto", *sorted(PRESETS), *sorted(MLP_PRESETS)])
-        raise ValueError(f"unknown model preset {preset!r}; valid: {valid}")
+        raise ConfigError(f"unknown model.preset {preset!r}; valid: {valid}")
     if len(data_shape) != 3:
-        raise ValueError(f"model preset {preset!r} is for images, but the data has shape {data_shape}")
+        raise ConfigError(f"model preset {preset!r} is for images, but the data has shape {data_shape}")
     overrides = {k: getattr(cfg, k) for k in UNET_FIELDS if getattr(cfg, k) is not None}
     c, h, _ = data_shape
     base = PRESETS[preset]
@@ -88,7 +138,11 @@ def model_spec(cfg: ModelConfig, data_shape: tuple[int, ...], *, learned_sigma: 
     if "attention_resolutions" not in overrides and h != base.image_size:
         levels = [h // 2**i for i in range(len(base.channel_mult))]
         overrides["attention_resolutions"] = tuple(r for r in levels if r <= 16)[:1]
-    arch = unet_preset(preset, in_channels=c, image_size=h, learned_sigma=learned_sigma, **overrides).to_dict()
+    try:
+        arch = unet_preset(preset, in_channels=c, image_size=h, learned_sigma=learned_sigma, **classes,
+                           **overrides).to_dict()
+    except ValueError as exc:  # e.g. num_groups not dividing a width, an image size the levels cannot halve
+        raise ConfigError(f"[model] {exc}") from exc
     return preset, {"kind": "unet", **arch}
 
 
@@ -102,7 +156,7 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
         return MLPDenoiser(MLPConfig(**arch))
     if kind == "unet":
         return UNet(UNetConfig.from_dict(arch))
-    raise ValueError(f"unknown model kind {kind!r} in the architecture description")
+    raise ConfigError(f"unknown model kind {kind!r} in the architecture description")
 
 
 def build_model(cfg: RunConfig, data_shape: tuple[int, ...]) -> tuple[nn.Module, dict[str, Any]]:

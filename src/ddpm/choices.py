@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from ddpm.errors import UserError
+
 ScheduleName = Literal["linear", "cosine"]
 Prediction = Literal["eps", "x0", "v"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
@@ -23,6 +25,8 @@ Attention = Literal["auto", "sdpa", "flash", "efficient", "matmul"]  # how the U
 Upsample = Literal["auto", "subpixel", "nearest"]  # how the U-Net computes upsample + conv
 Toggle = Literal["auto", "on", "off"]
 EMAWarmup = Literal["none", "ratio", "power"]
+SampleFormat = Literal["grid", "png", "npz"]  # a grid PNG, one PNG per sample, samples.npz
+Loader = Literal["auto", "memory", "stream"]
 
 SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
@@ -38,13 +42,31 @@ ATTENTIONS: tuple[str, ...] = get_args(Attention)
 UPSAMPLES: tuple[str, ...] = get_args(Upsample)
 TOGGLES: tuple[str, ...] = get_args(Toggle)
 EMA_WARMUPS: tuple[str, ...] = get_args(EMAWarmup)
+SAMPLE_FORMATS: tuple[str, ...] = get_args(SampleFormat)
+LOADERS: tuple[str, ...] = get_args(Loader)
 
 
 def check_choice(name: str, value: object, valid: tuple[str, ...] | object) -> None:
-    """Raise ``ValueError`` naming ``name``, ``value`` and the valid values unless ``value`` is one of them.
+    """Raise :class:`~ddpm.errors.UserError` (a ``ValueError``) naming ``name``, ``value`` and the valid
+    values unless ``value`` is one of them.
 
     ``valid`` is a tuple of values or a ``Literal`` type.
     """
     options = valid if isinstance(valid, tuple) else get_args(valid)
     if value not in options:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(repr(v) for v in options)}")
+        raise UserError(f"unknown {name} {value!r}; valid: {', '.join(repr(v) for v in options)}")
+
+
+def parse_choice_list(name: str, text: str, valid: tuple[str, ...] | object) -> tuple[str, ...]:
+    """A comma-separated list of choices (``"grid,npz"``), each checked, in order, without repeats.
+
+    An empty list or an unknown entry raises :class:`~ddpm.errors.UserError` naming it and the
+    valid values, so nothing is silently dropped (``--format jpeg`` must not write nothing).
+    """
+    items = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    options = valid if isinstance(valid, tuple) else get_args(valid)
+    if not items:
+        raise UserError(f"{name} {text!r} names nothing; valid: {', '.join(repr(v) for v in options)}")
+    for item in items:
+        check_choice(name, item, options)
+    return items

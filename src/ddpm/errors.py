@@ -28,3 +28,7 @@ class CheckpointError(UserError):
 
 class DeviceError(UserError):
     """A requested device (cuda, mps) that this machine does not have."""
+
+
+class OutputError(UserError):
+    """An output file or folder that cannot be written (an existing file, no permission, a full disk)."""

@@ -2,7 +2,8 @@
 
 Nothing here knows about diffusion: drawing standard-normal noise with one generator per example
 (so example i is the same whatever batch it is drawn in), averaging over all but the batch
-dimension, and broadcasting per-example coefficients ``[B]`` against data ``[B, ...]``.
+dimension, broadcasting per-example coefficients ``[B]`` against data ``[B, ...]``, and refusing
+output that is not finite.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
+from ddpm.errors import UserError
 
 Model = Callable[..., torch.Tensor]
 """A network ``model(x_t, t)`` (``t``: its timesteps ``[B]``), or ``model(x_t, t, y=y)`` when conditioned."""
@@ -64,3 +67,16 @@ def bind_condition(model: Model, y: torch.Tensor | None) -> Model:
         return model(x_t, t, y=y)
 
     return conditioned
+
+
+def check_finite(x: torch.Tensor, *, what: str) -> None:
+    """Raise :class:`~ddpm.errors.UserError` when ``x`` holds NaN or infinite values.
+
+    ``what`` names the values in the message, e.g. ``"samples from runs/a/ckpt-00001000"``.
+    """
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise UserError(
+            f"{what}: {bad} of {x.numel()} values are NaN or infinite; the model does not produce usable "
+            "output (were its weights destroyed in training?)"
+        )

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm.diffusion import GaussianDiffusion
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats to the 256-level grid as uint8, same shape: k = round((x + 1) * 127.5)."""
@@ -174,3 +176,50 @@ def save_scatter(samples: torch.Tensor, reference: torch.Tensor | None, path: st
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_sweep_plot(rows: Sequence[dict], path: str | Path, *, metric: str) -> Path:
+    """Quality (``row["distance"]``) against network evaluations (``row["nfe"]``), one line per sampler."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        pts = sorted((r["nfe"], r["distance"]) for r in rows if r["sampler"] == sampler)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=sampler)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per sample")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_guidance_plot(rows: Sequence[dict], path: str | Path, *, metric: str) -> Path:
+    """Quality (``row["distance"]``) against label accuracy, one point per guidance weight, annotated with w."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    acc = [r["label_accuracy"] for r in rows]
+    dist = [r["distance"] for r in rows]
+    ax.plot(acc, dist, marker="o")
+    for r in rows:
+        ax.annotate(f"w={r['guidance']:g}", (r["label_accuracy"], r["distance"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize="small")
+    ax.set_xlabel("label accuracy (classifier agrees with the requested class)")
+    ax.set_ylabel(metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def forward_chain(diffusion: GaussianDiffusion, x0: torch.Tensor, timesteps: Sequence[int], *,
+                  seed: int = 0) -> torch.Tensor:
+    """x_0 and x_t ~ q(x_t | x_0) at each of ``timesteps`` with one noise draw (the same static
+    dissolving the image): ``[1 + len(timesteps), B, ...]``, clamped to [-1, 1] for display."""
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    frames = [x0] + [diffusion.q_sample(x0, torch.full((x0.shape[0],), t), noise) for t in timesteps]
+    return torch.stack(frames).clamp(-1, 1)

@@ -8,11 +8,14 @@ Conventions, used by every dataset in `ddpm.data`:
 
 The trainer gathers whole batches with `ArrayDataset.get_batch(indices)`, one `index_select` on the
 stored tensor, so no DataLoader is needed; `__getitem__` is there for code that wants one anyway.
+Labels of a batch come from `get_labels(indices)`; `read(indices)` returns both as an `ImageBatch`,
+the interface the on-demand data sets of `ddpm.data.lazy` share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,11 +24,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ddpm.errors import DataError
+
 DataKind = Literal["image", "vector"]
 DATA_KINDS: tuple[str, ...] = ("image", "vector")
 
-# Default key order when an .npz holds several arrays and no key is given.
-NPZ_DATA_KEYS: tuple[str, ...] = ("x", "images", "data", "arr_0")
+# The names an .npz data array is recognised by when no key is given (exactly one of them must be present).
+NPZ_DATA_KEYS: tuple[str, ...] = ("images", "x", "data", "arr_0")
 NPZ_LABEL_KEYS: tuple[str, ...] = ("y", "labels")
 
 
@@ -41,6 +46,27 @@ def float_to_uint8(images: Tensor) -> Tensor:
     return ((images.detach().to(torch.float32).clamp(-1.0, 1.0) + 1.0) * 127.5).round_().to(torch.uint8)
 
 
+@dataclass(frozen=True)
+class ImageBatch:
+    """Pixels and labels of a batch of examples, as read from storage (before the [-1, 1] mapping).
+
+    Attributes:
+        images: uint8 `[B, C, H, W]`.
+        labels: int64 `[B]`, or None for unlabelled data.
+        skipped: files found undecodable while reading this batch; each was replaced by the next
+            decodable example (see `FolderImages`), so the batch keeps its size.
+    """
+
+    images: Tensor
+    labels: Tensor | None = None
+    skipped: tuple[str, ...] = ()
+
+    def pin_memory(self) -> ImageBatch:
+        """A copy in page-locked memory (DataLoader calls this with `pin_memory=True`)."""
+        labels = None if self.labels is None else self.labels.pin_memory()
+        return ImageBatch(self.images.pin_memory(), labels, self.skipped)
+
+
 class ArrayDataset(Dataset[Tensor]):
     """A dataset held in memory as one tensor: uint8 images `[N, C, H, W]` or float32 vectors `[N, D]`.
 
@@ -50,6 +76,8 @@ class ArrayDataset(Dataset[Tensor]):
         shape: per-example shape, `(C, H, W)` or `(D,)`.
         labels: int64 `[N]` class labels, or None.
         num_classes: number of classes when `labels` is set, else None.
+        class_names: the name of each class (folders: the sub-folder names), or None.
+        streamed: always False: the trainer gathers batches directly, without DataLoader workers.
         name: a short name for logs and checkpoints ("mnist5k", a folder path, ...).
         split: "train" or "test".
         num_skipped: images skipped as undecodable (folders with `skip_bad_images`), else 0.
@@ -58,6 +86,8 @@ class ArrayDataset(Dataset[Tensor]):
             known (the 2-D Gaussian mixture), else None. For standardised vectors it is None.
         standardization: `(mean [D], std [D])` subtracted and divided out of vector data, or None.
     """
+
+    streamed = False
 
     def __init__(
         self,
@@ -71,6 +101,7 @@ class ArrayDataset(Dataset[Tensor]):
         log_density: Callable[[Tensor], Tensor] | None = None,
         standardization: tuple[Tensor, Tensor] | None = None,
         skipped_files: tuple[str, ...] = (),
+        class_names: tuple[str, ...] | None = None,
     ) -> None:
         if kind not in DATA_KINDS:
             raise ValueError(f"kind must be one of {DATA_KINDS}, got {kind!r}")
@@ -82,6 +113,8 @@ class ArrayDataset(Dataset[Tensor]):
             if labels.dim() != 1 or labels.shape[0] != data.shape[0]:
                 raise ValueError(f"labels must have shape [{data.shape[0]}], got {tuple(labels.shape)}")
             labels = labels.to(torch.int64)
+            if num_classes is None and class_names is not None:
+                num_classes = len(class_names)
             if num_classes is None and labels.numel() > 0:
                 num_classes = int(labels.max()) + 1
         self.data = data
@@ -90,6 +123,7 @@ class ArrayDataset(Dataset[Tensor]):
         self.split = split
         self.labels = labels
         self.num_classes = num_classes if labels is not None else None
+        self.class_names = class_names if labels is not None else None
         self.log_density = log_density
         self.standardization = standardization
         self.skipped_files = skipped_files
@@ -112,6 +146,17 @@ class ArrayDataset(Dataset[Tensor]):
         batch = self.data.index_select(0, indices.to(self.data.device, torch.int64))
         return uint8_to_float(batch) if self.kind == "image" else batch
 
+    def get_labels(self, indices: Tensor) -> Tensor | None:
+        """Labels int64 `[B]` of the examples at `indices`, or None for unlabelled data."""
+        return None if self.labels is None else self.labels.index_select(0, indices.to(self.labels.device, torch.int64))
+
+    def read(self, indices: Sequence[int]) -> ImageBatch:
+        """The stored uint8 images (and labels) at `indices`; images only (see `ddpm.data.lazy`)."""
+        if self.kind != "image":
+            raise TypeError(f"read() returns uint8 images; {self.name!r} holds vectors: use get_batch()")
+        index = torch.as_tensor(list(indices), dtype=torch.int64)
+        return ImageBatch(self.data.index_select(0, index.to(self.data.device)), self.get_labels(index))
+
     def to(self, device: torch.device | str) -> ArrayDataset:
         """A copy of this dataset whose tensors live on `device` (images stay uint8 there)."""
         labels = None if self.labels is None else self.labels.to(device)
@@ -125,6 +170,7 @@ class ArrayDataset(Dataset[Tensor]):
             log_density=self.log_density,
             standardization=self.standardization,
             skipped_files=self.skipped_files,
+            class_names=self.class_names,
         )
 
     def __repr__(self) -> str:
@@ -225,24 +271,25 @@ def images_to_nchw(array: np.ndarray, *, source: str) -> np.ndarray:
 def read_array_file(path: Path, *, key: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read data (and labels, for .npz) from a `.npy` or `.npz` file.
 
-    For `.npz`, the data array is `key` when given, else the first of `NPZ_DATA_KEYS` present,
-    else the first array in the file; labels are the first of `NPZ_LABEL_KEYS` present (and not
-    the data key). Never unpickles (`allow_pickle=False`).
+    For `.npz`, the data array is `key` when given, else the one array named in `NPZ_DATA_KEYS`;
+    a file with none or several of those names is an error listing its arrays (never a guess).
+    Labels are the first of `NPZ_LABEL_KEYS` present (and not the data key). Never unpickles
+    (`allow_pickle=False`).
     """
     suffix = path.suffix.lower()
     if suffix == ".npy":
         if key is not None:
-            raise ValueError(f"{path}: an array key applies to .npz files only")
+            raise DataError(f"{path}: an array key (data.data_key) applies to .npz files only")
         return np.load(path, allow_pickle=False), None
     if suffix != ".npz":
-        raise ValueError(f"{path}: expected a .npy or .npz file")
+        raise DataError(f"{path}: expected a .npy or .npz file")
     with np.load(path, allow_pickle=False) as archive:
         names = list(archive.files)
         if not names:
-            raise ValueError(f"{path}: the .npz file holds no arrays")
+            raise DataError(f"{path}: the .npz file holds no arrays")
         if key is not None and key not in names:
-            raise ValueError(f"{path}: no array {key!r}; the file holds {names}")
-        data_key = key or next((k for k in NPZ_DATA_KEYS if k in names), names[0])
+            raise DataError(f"{path}: no array {key!r}; the file holds {names}")
+        data_key = key or _npz_data_key(path, names)
         label_key = next((k for k in NPZ_LABEL_KEYS if k in names and k != data_key), None)
         data = archive[data_key]
         labels = archive[label_key] if label_key is not None else None
@@ -254,6 +301,17 @@ def read_array_file(path: Path, *, key: str | None = None) -> tuple[np.ndarray, 
             f"got dtype {labels.dtype}, shape {labels.shape}"
         )
     return data, labels
+
+
+def _npz_data_key(path: Path, names: list[str]) -> str:
+    known = [k for k in NPZ_DATA_KEYS if k in names]
+    if len(known) == 1:
+        return known[0]
+    which = f"several data arrays ({', '.join(known)})" if known else f"no array named {', '.join(NPZ_DATA_KEYS)}"
+    raise DataError(
+        f"{path}: the .npz file holds {which}; its arrays are {names}: choose one with --data-key "
+        "(data.data_key)"
+    )
 
 
 def vectors_to_float(array: np.ndarray, *, source: str) -> np.ndarray:

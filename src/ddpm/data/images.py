@@ -4,14 +4,17 @@ A folder is read recursively; files whose extension (any case) is in `IMAGE_EXTE
 images, in sorted order of their path relative to the folder. Every image is decoded with
 Pillow, converted to the dataset's channel count, resized so its shorter side equals
 `image_size` (bicubic; Pillow's resampling filters are antialiased when shrinking) and
-centre-cropped to `image_size x image_size`. The whole folder is held in memory as uint8,
-`N * C * S * S` bytes (100k RGB 64x64 images: 1.2 GB); for larger sets, convert once to a
-uint8 `.npy` and memory-map it, or write a lazy dataset that calls `load_image` per item.
+centre-cropped to `image_size x image_size`. In memory a folder takes `N * C * S * S` bytes
+(100k RGB 64x64 images: 1.2 GB); larger ones are streamed: decoded per batch with `load_image`
+(`ddpm.data.stream`) or written once to a memory-mapped cache (`ddpm.data.cache`).
+
+Labels: when every image sits under a first-level sub-folder and there are at least two, the
+sorted sub-folder names are the classes (`folder_labels`).
 
 Channel rule: `channels` when given, else inferred from the first image in sorted order:
 1 for grey modes (L, LA, I, I;16, F, 1), else 3. Conversion then follows Pillow: colour to grey
 uses ITU-R 601 luma (L = 0.299 R + 0.587 G + 0.114 B); alpha is dropped unless channels=4;
-palette images are expanded first; 16-bit grey is scaled to 8 bits.
+palette images are expanded first; 16-bit grey level v becomes round(v * 255 / 65535).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.errors import DataError
+
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
@@ -38,7 +43,7 @@ GREY_MODES: frozenset[str] = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16
 _MODE_FOR_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DataError):
     """An image file exists but cannot be decoded; the message names the file."""
 
 
@@ -48,6 +53,23 @@ def find_images(folder: Path) -> list[Path]:
         raise FileNotFoundError(f"image folder not found: {folder}")
     found = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def folder_labels(folder: Path, files: Sequence[Path]) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """Class labels from first-level sub-folders, or None when the folder is not laid out by class.
+
+    When every image sits somewhere under a first-level sub-folder and there are at least two of
+    them, the sorted sub-folder names are the classes: label i is `class_names[i]`. Images lying
+    directly in `folder`, or a single sub-folder (a mere container), mean "unlabelled".
+    """
+    parts = [p.relative_to(folder).parts for p in files]
+    if not parts or any(len(q) < 2 for q in parts):
+        return None
+    class_names = tuple(sorted({q[0] for q in parts}))
+    if len(class_names) < 2:
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    return np.array([index[q[0]] for q in parts], dtype=np.int64), class_names
 
 
 def _open(path: Path) -> PILImage.Image:
@@ -71,16 +93,22 @@ def to_channels(img: PILImage.Image, channels: int) -> PILImage.Image:
     if channels not in _MODE_FOR_CHANNELS:
         raise ValueError(f"channels must be one of {sorted(_MODE_FOR_CHANNELS)}, got {channels}")
     if img.mode.startswith("I;16") or img.mode == "I":
-        # Pillow's I -> L conversion clips at 255 instead of rescaling 16-bit data.
+        # 16-bit grey (the only integer mode of the supported formats: 16-bit PNG): v -> round(v * 255 / 65535)
+        # exactly, whatever the image's own range (Pillow's I -> L conversion clips at 255 instead).
         from PIL import Image
 
-        wide = np.asarray(img, dtype=np.float64)
-        scale = 255.0 / 65535.0 if wide.max(initial=0) > 255 else 1.0
-        img = Image.fromarray(np.clip(np.rint(wide * scale), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(sixteen_to_eight_bits(np.asarray(img)), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     target = _MODE_FOR_CHANNELS[channels]
     return img if img.mode == target else img.convert(target)
+
+
+def sixteen_to_eight_bits(values: np.ndarray) -> np.ndarray:
+    """16-bit levels 0..65535 to uint8 ``round(v * 255 / 65535)``, exactly (integer arithmetic; 65535 = 255 * 257,
+    so ``v * 255 / 65535 = v / 257`` is never halfway between two integers). Values outside 0..65535 are clipped."""
+    wide = np.clip(values.astype(np.int64), 0, 65535)
+    return ((wide * 255 + 65535 // 2) // 65535).astype(np.uint8)
 
 
 def resize_center_crop(img: PILImage.Image, image_size: int) -> PILImage.Image:

@@ -8,7 +8,9 @@ Specs and their held-out ("test") splits:
 | `mnist`, `fashion-mnist`, `cifar10` | downloaded, see `standard`      | the official test set (10,000 each)     |
 | `moons`, `gmm`, `swissroll`, `checkerboard` | 2-D vectors, see `toy2d` | fresh samples from another seed        |
 | a folder                          | images, see `images`              | seeded 5% of the files (at least 1)     |
+| a prepared cache folder           | images, see `cache`               | as the folder it was prepared from      |
 | a `.npy` / `.npz` file            | uint8 images or float vectors     | seeded 5% of the rows (at least 1)      |
+| `hf:NAME_OR_PATH[:split]`         | a `datasets` data set, see `hf`   | its test split, else seeded 5%          |
 
 Every hold-out split uses the fixed seed `SPLIT_SEED`, never the training seed, so the test
 examples are the same in every run. Pass `holdout_fraction=0` to use a whole folder or file as
@@ -16,17 +18,31 @@ the requested split (e.g. a separate test folder given by the user).
 
 A string equal to a built-in name (case-insensitive, aliases included) is that dataset; any
 other string, or a `Path`, is a path. Write `./digits` for a folder called `digits`.
+
+Loaders (`loader=`): "memory" decodes everything into one in-memory `ArrayDataset`; "stream"
+returns an on-demand data set (`ddpm.data.lazy`) that the trainer reads through DataLoader
+workers; "auto" streams folders, caches and `datasets` data sets whose decoded split would exceed
+`MEMORY_LOADER_MAX_BYTES`, and keeps everything else in memory. Built-in, downloaded, `.npy`/`.npz`
+and 2-D data are small and always in memory. With `cache_images=True` (the default) a folder's up-to-date
+prepared cache (`ddpm.data.cache`) is used whichever loader reads it, and a streamed folder
+without one gets one written first; with `cache_images=False` caches are neither read nor
+written and a streamed folder is decoded file by file in the workers.
+Both paths give the same pixels and labels for the same indices.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
-from ddpm.data import builtin, images, standard, toy2d
+from ddpm.choices import LOADERS, Loader, check_choice
+from ddpm.data import builtin, cache, images, standard, toy2d
 from ddpm.data.arrays import (
     ArrayDataset,
     images_to_nchw,
@@ -36,8 +52,22 @@ from ddpm.data.arrays import (
     stratified_holdout,
     vectors_to_float,
 )
+from ddpm.data.lazy import LazyImages
+from ddpm.data.options import (
+    FILE_HOLDOUT_FRACTION,
+    SPLIT_SEED,
+    ImageOptions,
+    Split,
+    split_indices,
+)
+from ddpm.data.stream import FolderImages
+from ddpm.errors import DataError
 
-Split = Literal["train", "test"]
+if TYPE_CHECKING:
+    from ddpm.data.hf import HFStream
+
+logger = logging.getLogger(__name__)
+
 SPLITS: tuple[str, ...] = ("train", "test")
 STANDARD_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10")
 DATASET_NAMES: tuple[str, ...] = builtin.BUILTIN_IMAGE_NAMES + toy2d.TOY_NAMES + STANDARD_NAMES
@@ -49,10 +79,9 @@ ALIASES: dict[str, str] = {
     "cifar-10": "cifar10",
     "cifar": "cifar10",
 }
-FILE_HOLDOUT_FRACTION = 0.05
-SPLIT_SEED = 0
 DEFAULT_TOY_POINTS = 10_000
 NUM_CLASSES = 10  # every built-in and standard image set has 10 classes
+HF_PREFIX = "hf:"
 
 
 def resolve_name(spec: str) -> str | None:
@@ -75,11 +104,17 @@ def load_dataset(
     holdout_fraction: float | None = None,
     array_key: str | None = None,
     standardize: bool = False,
-) -> ArrayDataset:
-    """Load one split of a dataset into memory (see the module docstring for specs and splits).
+    loader: Loader = "auto",
+    prepared_dir: Path | None = None,
+    cache_images: bool = True,
+    workers: int | None = None,
+    hf_streaming: bool = False,
+) -> ArrayDataset | LazyImages | HFStream:
+    """Load one split of a dataset, in memory or on demand (see the module docstring).
 
     Args:
-        spec: a name in `DATASET_NAMES` (or an alias), a folder of images, or a .npy/.npz file.
+        spec: a name in `DATASET_NAMES` (or an alias), a folder of images, a prepared cache folder,
+            a .npy/.npz file, or `hf:NAME_OR_PATH[:split]`.
         split: "train" or "test".
         image_size: images only: resize (shorter side, bicubic) and centre-crop to this square size.
             None keeps the native size (a folder's images must then all have one size).
@@ -95,9 +130,32 @@ def load_dataset(
         array_key: .npz only: name of the data array.
         standardize: float vector files only: subtract the per-dimension mean and divide by the std
             of the train portion (stored in `.standardization`).
+        loader: "auto", "memory" or "stream" (module docstring); applies to folders, prepared
+            caches and `hf:` data sets.
+        prepared_dir: where folder caches are looked up and written; None = `<cache_dir>/prepared`.
+        cache_images: folders: read an up-to-date prepared cache, and write one on first use when
+            streaming (True); or ignore caches and decode the files (False: streamed folders are
+            decoded in the DataLoader workers every epoch).
+        workers: processes that build a folder's cache (None = `cache.default_workers()`).
+        hf_streaming: `hf:` only: open the data set as a stream (`ddpm.data.hf.HFStream`), for sets
+            larger than the disk; its order is the stream's, and "test" must be a split of it.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_choice("loader", loader, LOADERS)
+    opts = ImageOptions(
+        image_size=image_size, channels=channels, skip_bad_images=skip_bad_images, loader=loader,
+        prepared_dir=prepared_dir if prepared_dir is not None else cache.default_prepared_dir(cache_dir),
+        cache_images=cache_images, workers=workers,
+    )
+    if isinstance(spec, str) and spec.startswith(HF_PREFIX):
+        _reject_options(spec, num_points=num_points, array_key=array_key, standardize=standardize or None)
+        from ddpm.data import hf
+
+        if hf_streaming:
+            return hf.load_hf_stream(spec[len(HF_PREFIX):], split=split, options=opts, cache_dir=cache_dir)
+        return hf.load_hf_dataset(spec[len(HF_PREFIX):], split=split, holdout_fraction=holdout_fraction,
+                                  options=opts, cache_dir=cache_dir)
     name = resolve_name(spec) if isinstance(spec, str) else None
     if name in toy2d.TOY_NAMES:
         _reject_options(
@@ -109,7 +167,7 @@ def load_dataset(
             standardize=standardize or None,
         )
         return _load_toy(name, split, num_points=num_points, seed=seed)
-    _reject_options(str(spec), num_points=num_points)
+    _reject_options(str(spec), num_points=num_points, hf_streaming=hf_streaming or None)
     if name is not None:
         _reject_options(name, standardize=standardize or None, array_key=array_key)
         if name in STANDARD_NAMES:
@@ -127,7 +185,9 @@ def load_dataset(
     fraction = FILE_HOLDOUT_FRACTION if holdout_fraction is None else holdout_fraction
     if path.is_dir():
         _reject_options(str(path), standardize=standardize or None, array_key=array_key)
-        return _load_folder(path, split, fraction, image_size, channels, skip_bad_images)
+        if cache.is_prepared_cache(path):
+            return _load_prepared(path, split, fraction, opts)
+        return _load_folder(path, split, fraction, opts)
     if path.is_file():
         return _load_array_file(path, split, fraction, image_size, channels, array_key, standardize)
     raise ValueError(
@@ -156,6 +216,7 @@ def _image_dataset(
     split: Split,
     num_classes: int | None = None,
     skipped: tuple[str, ...] = (),
+    class_names: tuple[str, ...] | None = None,
 ) -> ArrayDataset:
     return ArrayDataset(
         torch.from_numpy(np.ascontiguousarray(data)),
@@ -165,6 +226,7 @@ def _image_dataset(
         labels=None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64)),
         num_classes=num_classes,
         skipped_files=skipped,
+        class_names=class_names,
     )
 
 
@@ -190,26 +252,96 @@ def _load_toy(name: str, split: Split, *, num_points: int | None, seed: int) -> 
     return ArrayDataset(points, kind="vector", name=name, split=split, log_density=toy2d.toy_log_density(name))
 
 
-def _load_folder(
-    folder: Path,
-    split: Split,
-    fraction: float,
-    image_size: int | None,
-    channels: int | None,
-    skip_bad_images: bool,
-) -> ArrayDataset:
-    files = images.find_images(folder)
+def _load_folder(folder: Path, split: Split, fraction: float, opts: ImageOptions) -> ArrayDataset | LazyImages:
+    scan = cache.scan_folder(folder)
+    files = scan.paths
     if not files:
         extensions = ", ".join(sorted(images.IMAGE_EXTENSIONS))
-        raise ValueError(f"no image files ({extensions}) found under {folder}")
-    if channels is None:
-        channels = images.infer_channels(images.first_decodable(files, skip_bad_images=skip_bad_images))
-    chosen = _pick(random_holdout(len(files), fraction, seed=SPLIT_SEED), split, fraction)
-    subset = files[chosen] if isinstance(chosen, slice) else [files[i] for i in chosen]
-    data, skipped = images.load_image_files(
-        subset, channels=channels, image_size=image_size, skip_bad_images=skip_bad_images
+        raise DataError(f"no image files ({extensions}) found under {folder}")
+    # Any decodable image gives the shape; with channels to infer, a bad first file stays an error.
+    first = images.first_decodable(files, skip_bad_images=opts.skip_bad_images or opts.channels is not None)
+    channels = opts.channels if opts.channels is not None else images.infer_channels(first)
+    chosen = split_indices(len(files), fraction, split)
+    found = None
+    if opts.cache_images:
+        found = cache.find_cache(scan, image_size=opts.image_size, channels=channels, prepared_dir=opts.prepared_dir)
+    if found is not None:
+        return _from_cache(*found, chosen, split, opts, name=str(folder))
+    side_h, side_w = (opts.image_size,) * 2 if opts.image_size is not None else (first.height, first.width)
+    shape = (channels, side_h, side_w)
+    labelled = images.folder_labels(folder, files)
+    labels, class_names = (None, None) if labelled is None else labelled
+    chosen_files = [files[i] for i in chosen]
+    if opts.choose_loader(len(chosen), shape) == "memory":
+        data, skipped = images.load_image_files(
+            chosen_files, channels=channels, image_size=opts.image_size, skip_bad_images=opts.skip_bad_images
+        )
+        if labels is not None:
+            bad = set(skipped)
+            labels = np.array([labels[i] for i, p in zip(chosen, chosen_files, strict=True) if p not in bad])
+        return _image_dataset(data, labels, name=str(folder), split=split, skipped=tuple(map(str, skipped)),
+                              class_names=class_names)
+    if opts.cache_images:
+        target = cache.cache_location(folder, image_size=opts.image_size, channels=channels,
+                                      prepared_dir=opts.prepared_dir)
+        logger.info("preparing a cache of %d images of %s in %s (once)", len(files), folder, target)
+        cache.ensure_cache(scan, target, image_size=opts.image_size, channels=channels, workers=opts.workers)
+        return _from_cache(target, cache.read_manifest(target), chosen, split, opts, name=str(folder))
+    return FolderImages(
+        chosen_files, channels=channels, image_size=opts.image_size, shape=shape, name=str(folder), split=split,
+        labels=None if labels is None else labels[chosen], class_names=class_names,
+        skip_bad_images=opts.skip_bad_images,
     )
-    return _image_dataset(data, None, name=str(folder), split=split, skipped=tuple(map(str, skipped)))
+
+
+def _load_prepared(path: Path, split: Split, fraction: float, opts: ImageOptions) -> ArrayDataset | LazyImages:
+    """A prepared cache named directly (e.g. made by `ddpm prepare` on another node), used as it is."""
+    try:
+        manifest = cache.read_manifest(path)
+    except cache.CacheError:
+        manifest = _rebuild_from_source(path)
+    for option, value, have in (("image_size", opts.image_size, manifest.image_size),
+                                ("channels", opts.channels, manifest.channels)):
+        if value is not None and value != have:
+            raise DataError(f"{path} was prepared with {option}={have}; {option}={value} was asked for")
+    return _from_cache(path, manifest, split_indices(manifest.count, fraction, split), split, opts, name=str(path))
+
+
+def _rebuild_from_source(path: Path) -> cache.Manifest:
+    """Rebuild an incomplete prepared cache from its source folder, when that folder is at hand."""
+    try:
+        raw = json.loads((path / cache.MANIFEST_NAME).read_text(encoding="utf-8"))
+        source, image_size, channels = Path(raw["source"]), raw["image_size"], int(raw["channels"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise cache.CacheError(f"{path}: unreadable manifest ({exc}); prepare it again") from exc
+    if not source.is_dir():
+        raise cache.CacheError(
+            f"prepared cache {path} is incomplete and its source folder {source} is not here to rebuild it; "
+            "prepare it again"
+        )
+    logger.warning("prepared cache %s is incomplete: rebuilding it from %s", path, source)
+    cache.ensure_cache(cache.scan_folder(source), path, image_size=image_size, channels=channels)
+    return cache.read_manifest(path)
+
+
+def _from_cache(
+    path: Path, manifest: cache.Manifest, chosen: np.ndarray, split: Split, opts: ImageOptions, *, name: str
+) -> ArrayDataset | LazyImages:
+    """The `chosen` rows of a prepared cache, without its undecodable files, mapped or in memory."""
+    bad = dict(manifest.bad)
+    bad_chosen = [int(i) for i in chosen if int(i) in bad]
+    if bad_chosen and not opts.skip_bad_images:
+        raise images.ImageDecodeError(bad[bad_chosen[0]])
+    skipped = tuple(str(Path(manifest.source) / manifest.files[i]) for i in bad_chosen)
+    if skipped:
+        message = f"skipped {len(skipped)} undecodable image file(s), first: {skipped[0]}"
+        logger.warning(message)
+        warnings.warn(message, stacklevel=3)
+    rows = np.array([i for i in chosen if int(i) not in bad], dtype=np.int64)
+    if rows.size == 0:
+        raise DataError(f"none of the {len(chosen)} image files of {name} ({split}) could be decoded")
+    mapped = cache.MappedImages(path, manifest, rows, name=name, split=split, skipped_files=skipped)
+    return mapped.to_memory() if opts.choose_loader(len(rows), mapped.shape) == "memory" else mapped
 
 
 def _load_array_file(

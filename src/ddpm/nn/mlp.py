@@ -1,6 +1,6 @@
 """A residual MLP noise predictor for low-dimensional data (2-D toy distributions).
 
-``MLPDenoiser(config)(x_t, t)``: ``x_t`` [B, D] float, ``t`` [B] long (0-based) -> [B, D], or
+``MLPDenoiser(config)(x_t, t[, y])``: ``x_t`` [B, D] float, ``t`` [B] long (0-based) -> [B, D], or
 [B, 2D] with ``learned_sigma`` (prediction, then the variance interpolation ``v``).
 Each block is ``h + Linear(dropout(SiLU(Linear(SiLU(LayerNorm(h))) + time projection)))``.
 """
@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,6 +28,7 @@ class MLPConfig:
     time_embed_dim: int = 64  # sinusoidal embedding size of t
     dropout: float = 0.0
     learned_sigma: bool = False  # output [B, 2D]: prediction, then v
+    num_classes: int | None = None  # class-conditional: labels 0..num_classes-1 plus the null class num_classes
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden", "num_blocks", "time_embed_dim"):
@@ -82,6 +84,7 @@ class MLPDenoiser(nn.Module):
             nn.SiLU(),
             nn.Linear(config.hidden, config.hidden),
         )
+        self.class_embed = nn.Embedding(config.num_classes + 1, config.hidden) if config.num_classes else None
         self.proj_in = nn.Linear(config.dim, config.hidden)
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.num_blocks))
         self.norm_out = nn.LayerNorm(config.hidden)
@@ -90,12 +93,20 @@ class MLPDenoiser(nn.Module):
             nn.init.zeros_(block.fc2.weight)
             nn.init.zeros_(block.fc2.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """``y``: class labels ``[B]`` of a class-conditional network (None: the null class)."""
         if x.ndim != 2 or x.shape[1] != self.config.dim:
             raise ValueError(f"MLPDenoiser expects x_t of shape [B, {self.config.dim}], got {tuple(x.shape)}")
         t = as_timesteps(t, x.shape[0], x.device)
         emb = timestep_embedding(t, self.config.time_embed_dim).to(x.dtype)
-        emb_act = F.silu(self.time_embed(emb))
+        emb = self.time_embed(emb)
+        if self.class_embed is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_embed(y.to(x.device))
+        elif y is not None:
+            raise ValueError("this MLP is unconditional (num_classes is None) but got class labels y")
+        emb_act = F.silu(emb)
         h = self.proj_in(x)
         for block in self.blocks:
             h = block(h, emb_act)

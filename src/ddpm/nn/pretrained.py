@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ddpm.errors import UserError
 from ddpm.nn.unet import UNet, UNetConfig
 
 __all__ = [
@@ -28,12 +29,13 @@ __all__ = [
     "config_to_diffusers",
     "convert_diffusers_state_dict",
     "load_pretrained",
+    "to_diffusers_state_dict",
 ]
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError):
     """A diffusers folder that cannot be mapped exactly onto :class:`UNet`."""
 
 
@@ -53,8 +55,11 @@ _DEFAULTS: dict[str, Any] = {
 _REQUIRED = {
     "center_input_sample": False, "time_embedding_type": "positional", "mid_block_type": "UNetMidBlock2D",
     "mid_block_scale_factor": 1, "downsample_type": "conv", "upsample_type": "conv",
-    "class_embed_type": None, "num_class_embeds": None,
+    "class_embed_type": None,
 }
+# A key diffusers ignores (leading underscore) that ddpm writes on export: the label of the null
+# class of a class-conditional model trained for classifier-free guidance (its last embedding row).
+NULL_CLASS_KEY = "_ddpm_null_class"
 _DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 _UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
 
@@ -69,6 +74,13 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     if cls != "UNet2DModel":
         fail("_class_name", f"{cls!r} is not supported; only 'UNet2DModel' maps onto ddpm.nn.UNet")
     unknown = sorted(k for k in cfg if not k.startswith("_") and k not in _DEFAULTS)
+    num_class_embeds = cfg.get("num_class_embeds")
+    null_class = cfg.get(NULL_CLASS_KEY)
+    if num_class_embeds is not None and (not isinstance(num_class_embeds, int) or num_class_embeds < 1):
+        raise PretrainedError(f"config.json field 'num_class_embeds': {num_class_embeds!r} is not a positive integer")
+    if null_class is not None and null_class != (num_class_embeds or 0) - 1:
+        raise PretrainedError(f"config.json field {NULL_CLASS_KEY!r}: {null_class!r} is not the last class "
+                              f"embedding ({(num_class_embeds or 0) - 1})")
     if unknown:
         fail(unknown[0], f"unknown field(s) {unknown}; refusing to guess their meaning")
     c = {**_DEFAULTS, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
@@ -146,6 +158,8 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
             embed_freq_shift=float(c["freq_shift"]),
             embed_flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
             downsample_padding=int(c["downsample_padding"]),
+            num_classes=None if num_class_embeds is None else num_class_embeds - int(null_class is not None),
+            null_class=num_class_embeds is None or null_class is not None,
         )
     except ValueError as e:
         raise PretrainedError(f"config.json does not describe a valid U-Net: {e}") from e
@@ -178,6 +192,7 @@ def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
         "dropout": config.dropout,
         "act_fn": "silu",
         "time_embedding_type": "positional",
+        "num_class_embeds": config.num_class_embeds or None,
     }
 
 
@@ -199,6 +214,7 @@ def _single_head(config: UNetConfig) -> int | None:
 # Our module names -> diffusers' (applied in order to the prefix of each of our keys).
 _PREFIX_RULES = [
     (re.compile(r"^time_embed\.fc([12])\."), r"time_embedding.linear_\1."),
+    (re.compile(r"^class_embed\."), "class_embedding."),
     (re.compile(r"^(down|up)\.(\d+)\.res\.(\d+)\."), r"\1_blocks.\2.resnets.\3."),
     (re.compile(r"^(down|up)\.(\d+)\.attn\.(\d+)\."), r"\1_blocks.\2.attentions.\3."),
     (re.compile(r"^down\.(\d+)\.resample\."), r"down_blocks.\1.downsamplers.0."),
@@ -270,6 +286,20 @@ def convert_diffusers_state_dict(state: Mapping[str, Tensor], model: UNet) -> di
             )
         converted[key] = tensor
     return converted
+
+
+def to_diffusers_state_dict(model: UNet) -> dict[str, Tensor]:
+    """``model``'s weights under diffusers' ``UNet2DModel`` names (the inverse of :func:`convert_diffusers_state_dict`).
+
+    A fused qkv projection is split into ``to_q``, ``to_k`` and ``to_v``; tensors are contiguous CPU copies.
+    """
+    out: dict[str, Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        names = _diffusers_names(key)
+        parts = tensor.chunk(len(names), dim=0) if len(names) > 1 else (tensor,)
+        for name, part in zip(names, parts, strict=True):
+            out[name] = part.detach().to("cpu").contiguous().clone()
+    return out
 
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:

@@ -16,7 +16,9 @@ The timestep ``t`` (0-based indices ``0..T-1``, shape ``[B]``) is embedded sinus
 (:func:`ddpm.nn.embedding.timestep_embedding`, dimension ``base_channels``), passed through a
 two-layer MLP to ``4 * base_channels`` and projected into every residual block: added after the
 first conv, or as a scale and shift after the second GroupNorm (``scale_shift_norm``, AdaGN of
-Dhariwal & Nichol 2021).
+Dhariwal & Nichol 2021). A class-conditional network (``num_classes``) adds a learned embedding of
+the label ``y`` to the time embedding (as improved-diffusion and diffusers' ``num_class_embeds``);
+label ``num_classes`` is the "null" class that classifier-free guidance uses for p(x).
 
 Initialisation follows the paper's code: Xavier-uniform weights, zero biases, and the last conv
 of every residual block, the attention output projection and ``conv_out`` set to zero, so every
@@ -65,6 +67,8 @@ class UNetConfig:
     downsample_padding: Literal[0, 1] = 0  # 0: pad right/bottom only (TF "SAME", paper); 1: symmetric
     use_checkpoint: bool = False  # gradient checkpointing of every block (saves memory, costs time)
     # How the network runs (memory layout, autocast) is not architecture: see ddpm.nn.policy.
+    num_classes: int | None = None  # class-conditional: labels 0..num_classes-1, plus the null class
+    null_class: bool = True  # whether label num_classes exists as the "no label" class (guidance needs it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -94,6 +98,11 @@ class UNetConfig:
         return self.time_embed_dim or 4 * self.base_channels
 
     @property
+    def num_class_embeds(self) -> int:
+        """Rows of the class embedding (0 when unconditional): the classes and, if any, the null class."""
+        return 0 if self.num_classes is None else self.num_classes + int(self.null_class)
+
+    @property
     def size_divisor(self) -> int:
         """Input height and width must be multiples of this (one halving per level but the last)."""
         return 2 ** (len(self.channel_mult) - 1)
@@ -112,6 +121,8 @@ class UNetConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 fail(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes is not None and self.num_classes < 1:
+            fail(f"num_classes must be >= 1 or None, got {self.num_classes}")
         if self.out_channels is not None and self.out_channels < 1:
             fail(f"out_channels must be >= 1 or None, got {self.out_channels}")
         if not self.channel_mult or min(self.channel_mult) < 1:
@@ -388,7 +399,7 @@ class MidBlock(nn.Module):
 
 # -------------------------------------------------------------------------------------- U-Net
 class UNet(nn.Module):
-    """``UNet(config)(x_t, t)``: ``x_t`` [B, C, H, W] float, ``t`` [B] long (0-based) -> [B, C_out, H, W].
+    """``UNet(config)(x_t, t[, y])``: ``x_t`` [B, C, H, W] float, ``t`` [B] (0-based) -> [B, C_out, H, W].
 
     ``C_out`` is ``config.output_channels``: with ``learned_sigma`` the first half of the channels
     is the prediction (eps, x0, ...) and the second half the variance interpolation ``v``.
@@ -399,6 +410,7 @@ class UNet(nn.Module):
         self.config = config = config or UNetConfig()
         chans = config.level_channels
         self.time_embed = TimeEmbedding(config)
+        self.class_embed = nn.Embedding(config.num_class_embeds, config.emb_dim) if config.num_classes else None
         self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -467,6 +479,23 @@ class UNet(nn.Module):
             )
         return as_timesteps(t, x.shape[0], x.device)
 
+    def _check_labels(self, y: Tensor | None, x: Tensor) -> Tensor | None:
+        cfg = self.config
+        if cfg.num_classes is None:
+            if y is not None:
+                raise ValueError("this U-Net is unconditional (num_classes is None) but got class labels y")
+            return None
+        if y is None:
+            if not cfg.null_class:
+                raise ValueError("this U-Net has no null class: class labels y are required")
+            return torch.full((x.shape[0],), cfg.num_classes, device=x.device, dtype=torch.long)
+        if y.shape != (x.shape[0],) or y.dtype.is_floating_point:
+            raise ValueError(f"class labels y must be integers of shape [{x.shape[0]}], got {y.dtype} {tuple(y.shape)}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= cfg.num_class_embeds):
+            raise ValueError(f"class labels must lie in 0..{cfg.num_class_embeds - 1} (the last is the null class), "
+                             f"got values in [{int(y.min())}, {int(y.max())}]")
+        return y.to(x.device)
+
     def _run(self, block: nn.Module, *args: Tensor) -> Tensor:
         if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
@@ -476,9 +505,14 @@ class UNet(nn.Module):
         """The layout of the 4-D weights (set with ``model.to(memory_format=...)``); activations follow it."""
         return memory_format_of(self.conv_out.weight)  # [C_out, base_channels, 3, 3]
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """``y``: class labels ``[B]`` of a class-conditional network (None: the null class)."""
         t = self._check_input(x, t)
-        emb_act = F.silu(self.time_embed(t.to(x.device)).to(x.dtype))
+        y = self._check_labels(y, x)
+        emb = self.time_embed(t.to(x.device))
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(y).to(emb.dtype)  # diffusers: emb = time_embedding + class_embedding
+        emb_act = F.silu(emb.to(x.dtype))
         x = x.contiguous(memory_format=self.memory_format())
 
         h = self.conv_in(x)

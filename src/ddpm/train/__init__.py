@@ -2,13 +2,17 @@
 
 from ddpm.train.checkpoint import (
     ArchitectureMismatchError,
+    CheckpointChoice,
     CheckpointError,
+    find_checkpoint,
     find_latest,
     load_checkpoint,
     load_model_weights,
     load_weights,
     read_config,
+    resolve_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from ddpm.train.config import (
     ConfigError,
@@ -28,10 +32,12 @@ from ddpm.train.config import (
 )
 from ddpm.train.distributed import cleanup_distributed, is_main_process, setup_distributed
 from ddpm.train.ema import ExponentialMovingAverage, ema_decay
+from ddpm.train.run_folder import RunFolder, RunFolderInUseError, RunStart, check_run_folder
 from ddpm.train.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "ArchitectureMismatchError",
+    "CheckpointChoice",
     "CheckpointError",
     "ConfigError",
     "DataConfig",
@@ -42,12 +48,17 @@ __all__ = [
     "NonFiniteLossError",
     "OptimConfig",
     "RunConfig",
+    "RunFolder",
+    "RunFolderInUseError",
+    "RunStart",
     "TrainConfig",
     "Trainer",
     "apply_overrides",
+    "check_run_folder",
     "cleanup_distributed",
     "config_to_dict",
     "ema_decay",
+    "find_checkpoint",
     "find_latest",
     "is_main_process",
     "load_checkpoint",
@@ -56,8 +67,10 @@ __all__ = [
     "load_weights",
     "model_overrides",
     "read_config",
+    "resolve_checkpoint",
     "save_checkpoint",
     "setup_distributed",
     "to_toml",
     "validate_config",
+    "verify_checkpoint",
 ]

@@ -32,6 +32,7 @@ from ddpm.choices import (  # noqa: E402 - the Literal types must be module glob
     Attention,
     Device,
     EMAWarmup,
+    Loader,
     LossType,
     LossWeighting,
     MemoryFormat,
@@ -52,11 +53,17 @@ class DataConfig:
     dataset: str = "cifar10"  # a built-in name, a folder of images, or a .npy/.npz file
     image_size: int | None = None  # resize and centre-crop images to this square size; None = native
     channels: int | None = None  # 1, 3 or 4; None = the source's
-    hflip: bool = True  # random horizontal flips of images (ignored for vector data)
+    hflip: bool | None = None  # random horizontal flips; None: on, except for digits (mirrored digits are not digits)
     skip_bad_images: bool = False  # folders: skip undecodable files instead of stopping
     num_points: int | None = None  # 2-D toy sets: points in the training split; None = their default
     holdout_fraction: float | None = None  # share held out as the eval split; None = the data set's default
     cache_dir: str | None = None  # where downloads are kept; None = $DDPM_CACHE or ~/.cache/ddpm
+    loader: Loader = "auto"  # memory: decode all up front; stream: read batches in workers; auto: by size
+    workers: int | None = None  # DataLoader workers per process (and cache builders); None = from the CPUs
+    prepared_dir: str | None = None  # where folders' prepared caches live; None = <cache dir>/prepared
+    cache_images: bool = True  # streamed folders: write a prepared cache once and read it (false: decode files)
+    hf_streaming: bool = False  # hf: data sets: read as a stream (for sets larger than the disk)
+    data_key: str | None = None  # .npz files: the array to train on; None = the one named images, x, data or arr_0
 
 
 @dataclass
@@ -79,6 +86,10 @@ class ModelConfig:
     num_blocks: int | None = None  # MLP
     dropout: float | None = None  # both
     data_shape: tuple[int, ...] | None = None  # per-example shape the network is built for; set by `ddpm train`
+    class_cond: bool = False  # condition on the data's class labels (classifier-free guidance needs cond_drop > 0)
+    num_classes: int | None = None  # classes of a class-conditional network; set from the data by `ddpm train`
+    class_names: tuple[str, ...] | None = None  # the name of each class (folders: sub-folder names), from the data
+    cond_drop: float = 0.1  # class-conditional training: share of labels replaced by the null class
 
 
 @dataclass
@@ -93,6 +104,8 @@ class DiffusionConfig:
     timestep_sampling: TimestepSampling = "uniform"  # which t training draws (the trainer's sampler)
     loss_weighting: LossWeighting = "none"
     min_snr_gamma: float = 5.0
+    betas: tuple[float, ...] | None = None  # explicit beta_1..beta_T; when set it replaces `schedule`
+    clip_denoised: bool | None = None  # clamp predicted x_0 to [-1, 1] when sampling; None: images yes, vectors no
 
 
 @dataclass
@@ -155,6 +168,14 @@ class RunConfig:
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+# Fields that say how a run is executed or recorded rather than what it computes: a resumed run may
+# change them without a warning (every other change is logged and recorded, see hyperparameter_changes).
+RUN_BOOKKEEPING: frozenset[str] = frozenset({
+    "train.steps", "train.device", "train.compile", "train.checkpoint_every", "train.keep_last",
+    "train.log_every", "train.sample_every", "train.eval_every", "train.eval_batches", "train.max_nonfinite",
+    "train.out_dir", "train.tensorboard", "data.cache_dir",
+})
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +401,36 @@ def config_from_toml(text: str, *, source: str = "config") -> RunConfig:
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(to_toml(config), encoding="utf-8")
+    """Write the config as TOML, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_toml(config), encoding="utf-8")
+    tmp.replace(path)
+
+
+def hyperparameter_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{"optim.lr": (old, new), ...}``: the fields that differ, except those in :data:`RUN_BOOKKEEPING`."""
+    a, b = config_to_dict(old), config_to_dict(new)
+    return {
+        f"{section}.{key}": (a[section][key], b[section][key])
+        for section in SECTIONS
+        for key in a[section]
+        if a[section][key] != b[section][key] and f"{section}.{key}" not in RUN_BOOKKEEPING
+    }
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the training maths is float32: a larger number overflows to inf there
+
+
+def _nonfinite_fields(config: RunConfig) -> list[str]:
+    """``"key=value"`` for every float field (or list entry) that is NaN, infinite or beyond the float32 range."""
+    bad = []
+    for section, values in config_to_dict(config).items():
+        for key, value in values.items():
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX) for v in items):
+                bad.append(f"{section}.{key}={value}")
+    return bad
 
 
 def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
@@ -391,6 +441,9 @@ def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
         if not cond:
             raise ConfigError(message)
 
+    nonfinite = _nonfinite_fields(config)
+    need(not nonfinite, f"{', '.join(nonfinite)}: every number must be finite (not nan or inf) and within the "
+                        f"float32 range (|x| <= {FLOAT32_MAX:.4g})")
     need(tr.steps >= 0, f"train.steps={tr.steps} must be >= 0")
     need(tr.batch_size >= 1, f"train.batch_size={tr.batch_size} must be >= 1")
     for name in ("checkpoint_every", "log_every", "keep_last", "sample_every", "eval_every", "eval_batches"):
@@ -407,14 +460,21 @@ def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
     need(ema.inv_gamma > 0, f"ema.inv_gamma={ema.inv_gamma} must be > 0")
     need(ema.power > 0, f"ema.power={ema.power} must be > 0")
     need(df.timesteps >= 1, f"diffusion.timesteps={df.timesteps} must be >= 1")
+    need(df.betas is None or len(df.betas) == df.timesteps,
+         f"diffusion.betas has {len(df.betas or ())} values but diffusion.timesteps={df.timesteps}")
     need(df.min_snr_gamma > 0, f"diffusion.min_snr_gamma={df.min_snr_gamma} must be > 0")
     for name in ("image_size", "channels", "num_points"):
         value = getattr(config.data, name)
         need(value is None or value >= 1, f"data.{name}={value} must be >= 1")
+    workers = config.data.workers
+    need(workers is None or workers >= 0, f"data.workers={workers} must be >= 0 (0 reads in the training process)")
     hf = config.data.holdout_fraction
     need(hf is None or 0 <= hf < 1, f"data.holdout_fraction={hf} must lie in [0, 1)")
     dropout = config.model.dropout
     need(dropout is None or 0 <= dropout < 1, f"model.dropout={dropout} must lie in [0, 1)")
+    need(0 <= config.model.cond_drop < 1, f"model.cond_drop={config.model.cond_drop} must lie in [0, 1)")
+    nc = config.model.num_classes
+    need(nc is None or nc >= 1, f"model.num_classes={nc} must be >= 1")
     per_rank_batch(config, world_size)
 
 
@@ -423,7 +483,8 @@ def model_overrides(model: ModelConfig) -> dict[str, Any]:
     return {
         f.name: getattr(model, f.name)
         for f in dataclasses.fields(model)
-        if f.name not in ("preset", "data_shape") and getattr(model, f.name) is not None
+        if f.name not in ("preset", "data_shape", "class_cond", "num_classes", "class_names", "cond_drop")
+        and getattr(model, f.name) is not None
     }
 
 

@@ -15,12 +15,21 @@ generators seeded by ``(seed, k)``, never from a stream carried across steps.
 
 So the data position is the step number, resuming is exact, and k steps on 2 processes equal
 k steps on 1 process with the same global batch (up to float summation order).
+
+The run folder belongs to the run (lock, ownership, set-aside, metrics truncation:
+:mod:`ddpm.train.run_folder`), and the NaN guard keeps destroyed weights out of it:
+
+- after every update, the parameters are checked; an update that makes them non-finite stops the
+  run at once, before the EMA or a checkpoint takes them;
+- a checkpoint is written only from finite weights (raw and EMA) whose loss on the next global
+  batch, computed exactly as the next step will compute it, is finite (``checkpoint_guard``), so
+  every checkpoint in the folder is known to be good, and pruning, which only follows a good
+  save, never deletes the newest good one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -33,11 +42,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddpm.errors import OutputError, UserError
 from ddpm.nn.policy import RuntimePolicy, resolve_policy
 from ddpm.train import distributed as dist_utils
-from ddpm.train.checkpoint import find_latest, load_checkpoint, resolve_checkpoint, save_checkpoint
-from ddpm.train.config import RunConfig, per_rank_batch, save_config, validate_config
+from ddpm.train.checkpoint import (
+    checkpoint_folders,
+    load_checkpoint,
+    nonfinite_tensors,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from ddpm.train.config import (
+    ConfigError,
+    RunConfig,
+    hyperparameter_changes,
+    per_rank_batch,
+    save_config,
+    validate_config,
+)
 from ddpm.train.ema import ExponentialMovingAverage
+from ddpm.train.feed import BatchFeed
+from ddpm.train.run_folder import METRICS_FILE, RunFolder
+from ddpm.train.seeding import derive_seed, seeded_generator
 from ddpm.train.timesteps import make_timestep_sampler
 
 logger = logging.getLogger("ddpm.train")
@@ -47,19 +74,10 @@ SampleFn = Callable[[nn.Module, int], Any]
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Training blew up: too many consecutive non-finite steps, or an update made the weights non-finite.
 
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from a tuple such as ``(seed, "noise", step)``; stable across runs and machines."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def seeded_generator(device: torch.device | str, *parts: object) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(derive_seed(*parts))
-    return gen
+    The message names the last good checkpoint.
+    """
 
 
 def linear_warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -85,6 +103,30 @@ def runtime_policy(config: RunConfig, device: torch.device, model: nn.Module) ->
         device, memory_format=tc.memory_format, amp=tc.amp, attention=tc.attention, upsample=tc.upsample,
         fused_optimizer=tc.fused_optimizer, compile=tc.compile, model=model, field_prefix="train.",
     )
+
+
+def norms_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether the L2 norm of every tensor is finite: one fused reduction and one host sync.
+
+    True proves every value finite (a NaN or inf makes its tensor's norm non-finite); False can also
+    mean finite values so large (|x| beyond about 1e19) that the norm overflows, so confirm a False
+    with :func:`~ddpm.train.checkpoint.nonfinite_tensors`. (The max-abs norm would be exact but is
+    5 to 12 times slower on the CPU.)
+    """
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors, 2)])).all())
+
+
+@dataclass
+class TrainBatch:
+    """This process's share of one global batch, on the training device."""
+
+    x0: torch.Tensor  # [b, ...] data in [-1, 1] (flipped where drawn)
+    y: torch.Tensor | None  # [b] class labels after label dropout (class-conditional runs), else None
+    t: torch.Tensor  # [b] timesteps
+    weights: torch.Tensor  # [b] importance weights of the timestep sampler
+    noise: torch.Tensor  # [b, ...] eps
 
 
 @dataclass
@@ -137,7 +179,9 @@ class Trainer:
         diffusion: a :class:`ddpm.GaussianDiffusion` (``training_losses``, ``num_timesteps``). Which
             timesteps are drawn is the trainer's (``diffusion.timestep_sampling`` of the config):
             its timestep sampler is checkpointed with the run.
-        dataset: ``len(ds)``, ``ds.get_batch(indices) -> [B, ...]`` in [-1, 1], ``.kind``.
+        dataset: ``len(ds)``, ``ds.get_batch(indices) -> [B, ...]`` in [-1, 1], ``.kind``; or an
+            on-demand data set (``ddpm.data.lazy``), read through DataLoader workers
+            (``data.workers``). :class:`~ddpm.train.feed.BatchFeed` does the reading.
         eval_dataset: optional held-out data; the EMA model's loss on it is logged every
             ``train.eval_every`` steps.
         sample_fn: ``sample_fn(ema_model, step)`` called on rank 0 every ``train.sample_every`` steps.
@@ -188,9 +232,15 @@ class Trainer:
         self.step = 0  # optimizer steps done == global batches consumed
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: Path | None = None  # the newest checkpoint known to be good (written or resumed)
         self._last_checkpoint_step: int | None = None
-        self._perms: dict[int, torch.Tensor] = {}
+        self.feed = BatchFeed(
+            dataset, batch_size=tc.batch_size, seed=tc.seed, rank=self.rank, world_size=self.world_size,
+            device=self.device, workers=config.data.workers,
+        )
+        self._run_folder: RunFolder | None = None
+        self._resume_record: dict[str, Any] | None = None
+        self.last_refusal: str | None = None  # why the checkpoint guard last refused to save
         self._window = _Window()
         self._progress = None
         self._tb_writer = None
@@ -212,16 +262,22 @@ class Trainer:
         self.write_metrics({"step": self.step, "runtime": self.policy.record()})
 
     # ------------------------------------------------------------------------------------ run
-    def run(self, *, resume: str | Path | None = None) -> dict[str, Any]:
-        """Train up to ``train.steps`` steps, resuming from ``resume`` ("auto", a checkpoint or run folder).
+    def run(self, *, resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+        """Train up to ``train.steps`` steps in the run folder ``train.out_dir``.
 
-        Returns a summary ``{"step", "checkpoint", "nonfinite_total"}``. Raises
-        :class:`NonFiniteLossError` after ``train.max_nonfinite`` bad steps in a row.
+        ``resume``: None (a new run: refused in a folder holding checkpoints), "auto" (the folder's
+        newest usable checkpoint, or from scratch in a folder without checkpoints), or a checkpoint
+        or run folder. ``overwrite``: delete the previous run in the folder and start over. See
+        :mod:`ddpm.train.run_folder` for the rules. Returns a summary ``{"step", "checkpoint",
+        "nonfinite_total", "set_aside"}``; ``checkpoint`` is the newest good checkpoint (it exists)
+        or None. Raises :class:`NonFiniteLossError` when training blows up, including a run that
+        reaches its last step with weights the checkpoint guard refuses.
         """
         tc = self.config.train
         try:
-            if resume is not None:
-                self.resume(resume)
+            checkpoint = self.open_run_folder(resume=resume, overwrite=overwrite)
+            if checkpoint is not None:
+                self.resume(checkpoint)
             self._start_logging()
             self.log_runtime()
             while self.step < tc.steps:
@@ -230,20 +286,48 @@ class Trainer:
                 self.maybe_checkpoint()
                 self.maybe_eval()
                 self.maybe_sample()
-            if self._last_checkpoint_step != self.step and self.nonfinite_in_a_row == 0:
-                self.save_checkpoint()
+            if self._last_checkpoint_step != self.step and self.save_checkpoint() is None:
+                raise NonFiniteLossError(
+                    f"training reached step {self.step}, but its weights cannot be checkpointed: {self.last_refusal}. "
+                    f"The last good checkpoint is {self.last_good_checkpoint() or 'none'}."
+                )
         finally:
             self.close()
-        return {"step": self.step, "checkpoint": self.last_checkpoint, "nonfinite_total": self.nonfinite_total}
+        set_aside = self._run_folder.set_aside if self._run_folder is not None else None
+        return {"step": self.step, "checkpoint": self.last_checkpoint, "nonfinite_total": self.nonfinite_total,
+                "set_aside": set_aside}
+
+    def open_run_folder(self, *, resume: str | Path | None, overwrite: bool = False) -> Path | None:
+        """Rank 0 takes the run folder (:meth:`RunFolder.open`); every rank learns the checkpoint to resume from.
+
+        A refusal on rank 0 is raised on every rank, so all processes stop with the same message.
+        """
+        outcome: list[Any] = [None]
+        if self.is_main:
+            self._run_folder = RunFolder(self.out_dir)
+            try:
+                outcome[0] = self._run_folder.open(resume=resume, overwrite=overwrite).checkpoint
+            except UserError as exc:
+                if not dist_utils.is_distributed():
+                    raise
+                outcome[0] = exc
+        if dist_utils.is_distributed():
+            torch.distributed.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], UserError):
+            raise outcome[0] if self.is_main else UserError(str(outcome[0]))
+        return outcome[0]
 
     def close(self) -> None:
-        """Close the progress bar and log writers; leave the process group if this trainer joined it."""
+        """Stop the data workers, close the progress bar and log writers; leave the process group if joined."""
+        self.feed.close()
         if self._progress is not None:
             self._progress.close()
             self._progress = None
         if self._tb_writer is not None:
             self._tb_writer.close()
             self._tb_writer = None
+        if self._run_folder is not None:
+            self._run_folder.close()
         if self._owns_process_group:
             dist_utils.cleanup_distributed()
             self._owns_process_group = False
@@ -252,14 +336,15 @@ class Trainer:
     def train_step(self) -> StepStats:
         """Process global batch ``self.step``: forward/backward, clip, update (or skip), EMA."""
         step = self.step
-        x0, t, weights, noise = self.get_batch(step)
+        batch = self.get_batch(step)
         self.model.train()
         torch.manual_seed(derive_seed(self.config.train.seed, "model-rng", step, self.rank))  # dropout
-        per_example = self.forward_backward(x0, t, weights, noise)
+        per_example = self.forward_backward(batch)
         grad_norm = self.clip_gradients()
         stats = self._reduce_stats(step, per_example, grad_norm)
         if stats.applied:
             self.optimizer_step(step)
+            self.check_weights_finite(stats)
             self.ema_update()
             self.observe_timesteps(per_example)
             self.nonfinite_in_a_row = 0
@@ -271,43 +356,40 @@ class Trainer:
         self.check_nonfinite_limit(stats)
         return stats
 
-    def get_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This process's slice of global batch ``step``: ``(x0, t, weights, noise)`` on the device."""
+    def get_batch(self, step: int) -> TrainBatch:
+        """This process's slice of global batch ``step``, on the device (see :class:`TrainBatch`)."""
         tc = self.config.train
         global_bs = tc.batch_size
-        part = dist_utils.shard_indices(global_bs, self.rank, self.world_size)
-        indices = self.batch_indices(step)[part]
-        x0 = self.dataset.get_batch(indices).to(self.device, non_blocking=True).float()
+        part = self.feed.part
+        fed = self.feed.get(step)
+        x0 = fed.x0
         if self.config.data.hflip and getattr(self.dataset, "kind", "image") == "image" and x0.dim() == 4:
             flip = flip_mask(global_bs, seeded_generator("cpu", tc.seed, "hflip", step))[part]
             x0 = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x0.flip(-1), x0)
+        y = self.class_labels(fed.y, step) if self.config.model.class_cond else None
         gen = seeded_generator(self.device, tc.seed, "noise", step)
         t, weights = self.timestep_sampler.sample(global_bs, self.device, gen)
         noise = torch.randn((global_bs, *x0.shape[1:]), generator=gen, device=self.device)
-        return x0, t[part], weights[part].float(), noise[part]
+        return TrainBatch(x0, y, t[part], weights[part].float(), noise[part])
+
+    def class_labels(self, y: torch.Tensor | None, step: int) -> torch.Tensor:
+        """The labels a conditional network trains on: each replaced by the null class with probability
+        ``model.cond_drop`` (label dropout for classifier-free guidance), drawn for the global batch from
+        (seed, step) like every other random choice of the step."""
+        mc = self.config.model
+        if y is None:
+            raise ConfigError("model.class_cond needs labelled data (built-in digit sets, class sub-folders, "
+                              "an .npz with labels, or a datasets set with a label column)")
+        drop = torch.rand(self.config.train.batch_size, generator=seeded_generator("cpu", self.config.train.seed,
+                                                                                 "cond-drop", step))
+        drop = (drop < mc.cond_drop)[self.feed.part].to(y.device)
+        return torch.where(drop, torch.full_like(y, int(mc.num_classes or 0)), y)
 
     def batch_indices(self, step: int) -> torch.Tensor:
-        """Data indices ``[B]`` of global batch ``step`` (B = train.batch_size)."""
-        n, bs = len(self.dataset), self.config.train.batch_size
-        pos, parts = step * bs, []
-        while sum(len(p) for p in parts) < bs:
-            epoch, offset = divmod(pos, n)
-            take = min(n - offset, bs - sum(len(p) for p in parts))
-            parts.append(self._epoch_permutation(epoch)[offset : offset + take])
-            pos += take
-        return torch.cat(parts)
+        """Data indices ``[B]`` of global batch ``step`` (B = train.batch_size); see ``BatchFeed``."""
+        return self.feed.indices(step)
 
-    def _epoch_permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) > 4:
-                self._perms.clear()
-            gen = seeded_generator("cpu", self.config.train.seed, "data", epoch)
-            self._perms[epoch] = torch.randperm(len(self.dataset), generator=gen)
-        return self._perms[epoch]
-
-    def forward_backward(
-        self, x0: torch.Tensor, t: torch.Tensor, weights: torch.Tensor, noise: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def forward_backward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Accumulate gradients of the mean weighted loss over ``optim.grad_accum`` micro-batches.
 
         Each micro-batch's mean is divided by ``grad_accum`` so the gradient is that of the mean over
@@ -315,13 +397,15 @@ class Trainer:
         Returns detached per-example ``loss``, ``mse``, ``vlb`` (or the loss) and ``t``.
         """
         accum, mb = self.config.optim.grad_accum, self.micro_batch
+        x0, y, t, weights, noise = batch.x0, batch.y, batch.t, batch.weights, batch.noise
         outs: dict[str, list[torch.Tensor]] = {"loss": [], "mse": [], "observed": [], "t": []}
         for i in range(accum):
             part = slice(i * mb, (i + 1) * mb)
             last = i == accum - 1
             sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
-                losses = self.diffusion.training_losses(self.forward_model, x0[part], t[part], noise[part])
+                losses = self.diffusion.training_losses(self.forward_model, x0[part], t[part], noise[part],
+                                                        y=None if y is None else y[part])
                 loss = losses.loss * weights[part]
                 self.scaler.scale(loss.mean() / accum).backward()
             outs["loss"].append(loss.detach().float())
@@ -364,6 +448,21 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def check_weights_finite(self, stats: StepStats) -> None:
+        """Stop the run if the update just applied made a parameter non-finite (before the EMA takes it)."""
+        if norms_finite([p.detach() for p in self.model.parameters()]):
+            return
+        bad = nonfinite_tensors(dict(self.model.named_parameters()))
+        if not bad:
+            return  # finite, only too large for their norm: the checkpoint guard judges such weights
+        names = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+        raise NonFiniteLossError(
+            f"training stopped at step {stats.step}: its update (lr {stats.lr:g}, gradient norm {stats.grad_norm:g}) "
+            f"made {len(bad)} parameter tensor(s) non-finite ({names}); the EMA and the checkpoints never took "
+            f"them. The last good checkpoint is {self.last_good_checkpoint() or 'none'}. Try a lower optim.lr or "
+            "optim.grad_clip > 0."
+        )
+
     def ema_update(self) -> None:
         """Average the weights just updated; DDP keeps them identical on all processes."""
         self.ema.update(self.model)
@@ -394,7 +493,7 @@ class Trainer:
         limit = self.config.train.max_nonfinite
         if self.nonfinite_in_a_row >= limit:
             first = stats.step - self.nonfinite_in_a_row + 1
-            last_good = find_latest(self.out_dir) if self.out_dir.exists() else None
+            last_good = self.last_good_checkpoint()
             raise NonFiniteLossError(
                 f"training stopped: the loss or gradient was non-finite for {self.nonfinite_in_a_row} "
                 f"steps in a row (steps {first}..{stats.step}, train.max_nonfinite={limit}); no update was "
@@ -443,8 +542,12 @@ class Trainer:
         if not self.is_main:
             return
         clean = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in metrics.items()}
-        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(clean) + "\n")
+        path = self.out_dir / METRICS_FILE
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(clean) + "\n")
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         if self._tb_writer is not None:
             for key, value in clean.items():
                 if key == "step":
@@ -458,25 +561,81 @@ class Trainer:
 
     def maybe_checkpoint(self) -> None:
         if self._due(self.config.train.checkpoint_every):
-            if self.nonfinite_in_a_row:
-                if self.is_main:
-                    logger.warning("step %d: not checkpointing during a run of non-finite steps", self.step)
-                return
             self.save_checkpoint()
 
-    def save_checkpoint(self) -> Path:
-        """Rank 0 writes ``out_dir/ckpt-{step}``; the others wait at barriers on both sides."""
+    def save_checkpoint(self) -> Path | None:
+        """Write ``out_dir/ckpt-{step}`` if :meth:`checkpoint_guard` allows; returns it, or None if refused.
+
+        Every rank runs the guard (its loss is all-reduced, so all decide alike); rank 0 writes and
+        the others wait at barriers on both sides.
+        """
+        refusal, next_loss = self.checkpoint_guard()
+        self.last_refusal = refusal
+        if refusal is not None:
+            if self.is_main:
+                logger.warning("step %d: not checkpointing: %s; the last good checkpoint stays %s", self.step,
+                               refusal, self.last_good_checkpoint() or "none")
+            return None
         dist_utils.barrier()
         path = self.out_dir / f"ckpt-{self.step:08d}"
         if self.is_main:
             path = save_checkpoint(
                 self.out_dir, self.step, model=self.model, ema_state=self.ema.state_dict(),
                 train_state=self.train_state(), config=self.config, keep_last=self.config.train.keep_last,
+                extra_meta={"guard": {"weights_finite": True, "next_batch_loss": next_loss}},
             )
             logger.info("saved checkpoint %s", path)
         dist_utils.barrier()
         self.last_checkpoint, self._last_checkpoint_step = path, self.step
         return path
+
+    def last_good_checkpoint(self) -> Path | None:
+        """The newest checkpoint this run wrote or resumed from (each passed the guard), if it still exists."""
+        path = self.last_checkpoint
+        return path if path is not None and path.is_dir() else None
+
+    def checkpoint_guard(self) -> tuple[str | None, float]:
+        """Why the current weights must not be checkpointed (None: they may be), and their next-batch loss.
+
+        The raw and EMA weights must be finite, and the raw weights' loss on the next global batch
+        (:meth:`next_batch_loss`) must be finite: a step's own loss is measured before its update,
+        so only the next batch can tell whether the update destroyed the weights.
+        """
+        bad = nonfinite_tensors(self.model.state_dict())
+        bad += [f"ema {k}" for k in nonfinite_tensors(self.ema.state_dict())]
+        if bad:
+            return f"non-finite weights ({', '.join(bad[:4])})", float("nan")
+        loss = self.next_batch_loss()
+        if not math.isfinite(loss):
+            return f"the weights give a non-finite loss ({loss}) on the next batch", loss
+        return None, loss
+
+    @torch.no_grad()
+    def next_batch_loss(self) -> float:
+        """The mean weighted loss of global batch ``self.step`` under the current raw weights.
+
+        Computed as :meth:`train_step` will compute it (same data, flips, timesteps, noise and
+        dropout seeds, per micro-batch) but without gradients and without changing any state: the
+        global RNG and the model's buffers (e.g. BatchNorm statistics) are restored afterwards.
+        """
+        step, accum, mb = self.step, self.config.optim.grad_accum, self.micro_batch
+        batch = self.get_batch(step)
+        x0, y, t, weights, noise = batch.x0, batch.y, batch.t, batch.weights, batch.noise
+        model, buffers = self.policy.wrap(self.model), {k: v.clone() for k, v in self.model.named_buffers()}
+        was_training = self.model.training
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(self.config.train.seed, "model-rng", step, self.rank))
+            for i in range(accum):
+                part = slice(i * mb, (i + 1) * mb)
+                losses = self.diffusion.training_losses(model, x0[part], t[part], noise[part],
+                                                        y=None if y is None else y[part])
+                total += (losses.loss * weights[part]).float().sum()
+        self.model.train(was_training)
+        for name, value in self.model.named_buffers():
+            value.copy_(buffers[name])
+        return dist_utils.all_reduce_sum(total.reshape(1)).item() / self.config.train.batch_size
 
     def maybe_eval(self) -> None:
         if self.eval_dataset is not None and self._due(self.config.train.eval_every) and self.is_main:
@@ -499,7 +658,8 @@ class Trainer:
             x0 = ds.get_batch(idx).to(self.device).float()
             t = torch.randint(0, self.diffusion.num_timesteps, (len(idx),), generator=gen, device=self.device)
             noise = torch.randn(x0.shape, generator=gen, device=self.device)
-            losses = self.diffusion.training_losses(model, x0, t, noise)
+            y = ds.get_labels(idx) if self.config.model.class_cond else None  # the conditional loss, true labels
+            losses = self.diffusion.training_losses(model, x0, t, noise, y=None if y is None else y.to(self.device))
             total_loss += losses.loss.sum().item()
             total_mse += losses.mse.sum().item()
         return {"eval_loss": total_loss / max(n, 1), "eval_mse": total_mse / max(n, 1)}
@@ -528,15 +688,21 @@ class Trainer:
         }
 
     def resume(self, resume: str | Path) -> Path | None:
-        """Restore weights, EMA, optimizer and counters from a checkpoint ("auto" = newest in out_dir)."""
+        """Restore weights, EMA, optimizer and counters from a checkpoint or run folder.
+
+        "auto" is the newest usable checkpoint of ``out_dir``; None is returned when ``out_dir``
+        holds no checkpoint folder at all, and :class:`~ddpm.errors.CheckpointError` raised when it
+        holds some but none is usable. Hyperparameters that differ from the checkpoint's are
+        logged as a warning (and recorded in the metrics by :meth:`run`).
+        """
         if str(resume) == "auto":
-            path = find_latest(self.out_dir)
-            if path is None:
+            if not checkpoint_folders(self.out_dir):
                 if self.is_main:
                     logger.info("no checkpoint in %s; starting from scratch", self.out_dir)
                 return None
-        else:
-            path = resolve_checkpoint(resume)
+            resume = self.out_dir
+        path = resolve_checkpoint(resume)
+        changes = hyperparameter_changes(read_config(path), self.config)
         path, ema_state, state = load_checkpoint(path, self.model, map_location="cpu")
         self.ema.load_state_dict(ema_state, num_updates=state["ema"]["num_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -559,8 +725,13 @@ class Trainer:
                 data["batch_size"], data["dataset_len"],
             )
         self.last_checkpoint, self._last_checkpoint_step = path, self.step
+        self._resume_record = {"step": self.step, "event": "resumed", "checkpoint": str(path),
+                               "changed": {k: list(v) for k, v in changes.items()}}
         if self.is_main:
             logger.info("resumed from %s at step %d", path, self.step)
+            if changes:
+                logger.warning("resuming %s with changed hyperparameters: %s", path,
+                               "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
         return path
 
     # ------------------------------------------------------------------------------ logging
@@ -570,6 +741,8 @@ class Trainer:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.out_dir / "config.toml")
+        if self._resume_record is not None:
+            self.write_metrics(self._resume_record)
         from tqdm.auto import tqdm
 
         self._progress = tqdm(

@@ -1,0 +1,292 @@
+"""Measuring a trained model: the eval card and the sweep of samplers by network evaluations.
+
+    import ddpm
+    from ddpm.evaluate import evaluate, sweep
+
+    pipe = ddpm.load("runs/mnist")
+    card = evaluate(pipe, num=1000, sampler="ancestral", steps=50)        # a dict; card_markdown(card)
+    rows = sweep(pipe, samplers=["ancestral", "ddim"], nfes=[10, 50], num=300)
+
+Features: for the built-in digit sets a small classifier trained once on the training split
+(seeded, cached, held-out accuracy in the card; no download); for other images the Inception-v3
+of FID (weights from a file); for 2-D data, distances on the points themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm.build import build_dataset
+from ddpm.errors import UserError
+from ddpm.pipeline import Pipeline
+from ddpm.train.config import DataConfig, apply_overrides
+
+DIGIT_SETS = ("mnist5k", "digits", "mnist", "fashion-mnist")
+FEATURES = ("auto", "classifier", "inception")
+
+
+@dataclass
+class Reference:
+    """Real held-out data and what the metrics need of it."""
+
+    images: torch.Tensor
+    features: torch.Tensor | None
+    description: str
+    extractor: Any = None  # maps images to features; has .predict for the digit classifier
+    feature_info: dict[str, Any] | None = None
+    log_density: Callable[[torch.Tensor], torch.Tensor] | None = None  # exact, for the 2-D mixture
+    labels: torch.Tensor | None = None  # the held-out images' classes, when the data has them
+
+
+def reference_data(pipe: Pipeline, data: str | None = None) -> DataConfig:
+    """The data configuration to measure against: the run's own, or the data set ``data`` names."""
+    if data is not None:
+        return apply_overrides(pipe.config, {"data.dataset": data}).data
+    if pipe.config.model.preset == "diffusers":
+        raise UserError(f"{pipe.source} is an imported diffusers pipeline and names no data set: pass --data")
+    return pipe.config.data
+
+
+def classifier_for(pipe: Pipeline, cfg: DataConfig, *, seed: int = 0, epochs: int = 5) -> tuple[Any, dict[str, Any]]:
+    """The project's digit classifier for the data set ``cfg``: trained once on its training split,
+    cached in the data cache folder, and described (hash, held-out accuracy) for the eval card."""
+    from ddpm.data import default_cache_dir
+    from ddpm.data.registry import resolve_name
+    from ddpm.eval import DigitClassifier, train_classifier
+
+    name = resolve_name(cfg.dataset) if isinstance(cfg.dataset, str) else None
+    if name not in DIGIT_SETS:
+        raise UserError(f"the download-free classifier features exist for {', '.join(DIGIT_SETS)}; "
+                        f"this run's data is {cfg.dataset!r}: use --features inception")
+    shape = "x".join(str(s) for s in pipe.data_shape)
+    folder = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "classifiers" / f"{name}-{shape}-s{seed}"
+    test = build_dataset(cfg, "test")
+    test_images, test_labels = test.get_batch(torch.arange(len(test))), test.labels
+    try:
+        clf = DigitClassifier.load(folder)
+    except (FileNotFoundError, OSError, ValueError):
+        train = build_dataset(cfg, "train")
+        print(f"training the {name} feature classifier once ({len(train)} images; cached in {folder})", flush=True)
+        clf = train_classifier(train.get_batch(torch.arange(len(train))), train.labels, epochs=epochs, seed=seed)
+        clf.save(folder)
+    accuracy = clf.accuracy(test_images, test_labels)
+    info = {"name": clf.name, "fingerprint": clf.fingerprint, "heldout_accuracy": round(accuracy, 4),
+            "trained_on": f"{name} train split", "seed": seed, "path": str(folder)}
+    return clf, info
+
+
+def make_reference(pipe: Pipeline, *, data: str | None = None, features: str = "auto",
+                   inception_weights: str | None = None, seed: int = 0) -> Reference:
+    """The held-out split of the run's data (or of ``data``), with features for images (see the module docstring)."""
+    if features not in FEATURES:
+        raise UserError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
+    cfg = reference_data(pipe, data)
+    test = build_dataset(cfg, "test")
+    if tuple(test.shape) != pipe.data_shape:
+        raise UserError(f"the reference data {cfg.dataset!r} has shape {list(test.shape)}, the model makes "
+                        f"{list(pipe.data_shape)}")
+    images = test.get_batch(torch.arange(len(test)))
+    if not pipe.is_image:
+        return Reference(images, None, f"{test.name} test split, {len(test)} points", log_density=test.log_density)
+    if features == "auto":
+        features = "classifier" if pipe.data_shape[0] == 1 else "inception"
+    if features == "classifier":
+        extractor, info = classifier_for(pipe, cfg, seed=seed)
+    else:
+        from ddpm.eval import InceptionV3Features
+
+        extractor = InceptionV3Features(inception_weights, device=str(pipe.device))
+        info = {"name": extractor.name, "fingerprint": extractor.fingerprint}
+    return Reference(images, extractor(images), f"{test.name} test split, {len(test)} images", extractor, info,
+                     labels=test.labels)
+
+
+def distances(samples: torch.Tensor, ref: Reference) -> dict[str, Any]:
+    """Every distance between ``samples`` and the reference, named by what it measures."""
+    from ddpm.eval import (
+        class_histogram,
+        frechet_distance_from_features,
+        kid,
+        mean_log_density,
+        mmd_rbf,
+        precision_recall,
+        sliced_wasserstein,
+    )
+
+    if ref.features is None:  # 2-D points
+        out = {"sliced_wasserstein": sliced_wasserstein(samples, ref.images, num_projections=256, seed=0),
+               "mmd_rbf": mmd_rbf(samples[:2000], ref.images[:2000])}
+        if ref.log_density is not None:
+            out["mean_log_density_samples"] = mean_log_density(samples, ref.log_density)
+            out["mean_log_density_data"] = mean_log_density(ref.images, ref.log_density)
+        return out
+    feats = ref.extractor(samples)
+    kid_mean, kid_se = kid(feats, ref.features, num_subsets=10, seed=0)
+    precision, recall = precision_recall(ref.features, feats, k=3)
+    out = {"frechet_distance": frechet_distance_from_features(feats, ref.features), "kid": kid_mean,
+           "kid_stderr": kid_se, "precision": precision, "recall": recall}
+    if hasattr(ref.extractor, "predict"):
+        hist = class_histogram(ref.extractor.predict(samples), 10)
+        out["class_histogram"] = [round(float(h), 4) for h in hist]
+        out["classes_present"] = int((hist >= 0.02).sum())  # classes making up at least 2% of the samples
+    return out
+
+
+def balanced_labels(num: int, num_classes: int) -> torch.Tensor:
+    """Labels ``[num]`` cycling through the classes (sample i asks for class i mod K)."""
+    return torch.arange(num) % num_classes
+
+
+def label_accuracy(samples: torch.Tensor, requested: torch.Tensor, ref: Reference,
+                   num_classes: int) -> dict[str, Any]:
+    """How often the feature classifier assigns each sample to the class it was asked for, per class."""
+    if not hasattr(ref.extractor, "predict"):
+        return {}
+    hit = (ref.extractor.predict(samples).cpu() == requested).double()
+    by_class = [float(hit[requested == c].mean()) if (requested == c).any() else float("nan")
+                for c in range(num_classes)]
+    return {"label_accuracy": float(hit.mean()), "label_accuracy_by_class": [round(a, 4) for a in by_class]}
+
+
+def headline_metric(ref: Reference) -> tuple[str, str]:
+    """(key in :func:`distances`, description) of the one number a sweep compares."""
+    if ref.features is None:
+        return "sliced_wasserstein", "sliced Wasserstein distance"
+    name = (ref.feature_info or {}).get("name", "features")
+    return "frechet_distance", f"Frechet distance ({name})"
+
+
+# ---------------------------------------------------------------------------------- eval card
+def evaluate(
+    pipe: Pipeline, *, num: int, sampler: str = "ancestral", steps: int | None = None, spacing: str | None = None,
+    seed: int = 0, batch_size: int = 100, data: str | None = None, features: str = "auto",
+    inception_weights: str | None = None, nll_images: int = 0, nll_terms: int = 40, guidance: float = 1.0,
+    guidance_scales: Sequence[float] = (), samples: torch.Tensor | None = None, reference: Reference | None = None,
+    **options: float,
+) -> dict[str, Any]:
+    """Sample (unless ``samples`` are given), measure against held-out data, and return the eval card.
+
+    A class-conditional model samples balanced classes (sample i asks for class i mod K) at
+    ``guidance``; the card then adds how often the feature classifier assigns each sample to its
+    class, and, for each of ``guidance_scales``, the distance and that accuracy on the same seeds.
+    Its bits/dim are of -log p(x | y) with the true labels.
+    """
+    t0 = time.perf_counter()
+    ref = reference or make_reference(pipe, data=data, features=features, inception_weights=inception_weights,
+                                      seed=seed)
+    labels = balanced_labels(num if samples is None else samples.shape[0], pipe.num_classes) \
+        if pipe.num_classes else None
+
+    def draw(w: float) -> torch.Tensor:
+        return pipe.sample(num, sampler=sampler, steps=steps, spacing=spacing, seed=seed, batch_size=batch_size,
+                           classes=labels, guidance=w, **options)
+
+    if samples is None:
+        samples = draw(guidance)
+    card: dict[str, Any] = {
+        "checkpoint": str(pipe.source), "checkpoint_hash": pipe.fingerprint(), "weights": pipe.weights,
+        "num_samples": int(samples.shape[0]), "sampler": sampler,
+        "network_evaluations": pipe.network_evaluations(sampler, steps), "spacing": spacing or "default",
+        "options": dict(options), "seed": seed, "reference": ref.description, "features": ref.feature_info or {},
+        "metrics": distances(samples, ref),
+    }
+    if labels is not None:
+        card["classes"] = f"balanced: sample i asks for class i mod {pipe.num_classes}, guidance {guidance}"
+        card["metrics"].update(label_accuracy(samples, labels, ref, pipe.num_classes))
+        if guidance_scales:
+            card["guidance_sweep"] = guidance_sweep(pipe, ref, draw, labels, guidance_scales)
+    if pipe.is_image and nll_images > 0:
+        true_labels = None if labels is None or ref.labels is None else ref.labels[:nll_images]
+        bound = pipe.nll(ref.images[:nll_images], estimate=nll_terms, batch_size=batch_size, seed=seed,
+                         labels=true_labels)
+        card["bits_per_dim"] = bound.to_dict()
+    card["seconds"] = round(time.perf_counter() - t0, 1)
+    return card
+
+
+def guidance_sweep(pipe: Pipeline, ref: Reference, draw: Callable[[float], torch.Tensor], labels: torch.Tensor,
+                   scales: Sequence[float]) -> list[dict[str, Any]]:
+    """Distance and label accuracy at each guidance weight, on the same seeds and labels."""
+    key, _ = headline_metric(ref)
+    rows = []
+    for w in scales:
+        x = draw(float(w))
+        rows.append({"guidance": float(w), "distance": distances(x, ref)[key],
+                     **label_accuracy(x, labels, ref, pipe.num_classes or 0)})
+    return rows
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """The eval card as a two-column Markdown table."""
+    options = ", ".join(f"{k} {v}" for k, v in card.get("options", {}).items())
+    rows = [("checkpoint", f"{card['checkpoint']} ({card['weights']} weights, sha256 {card['checkpoint_hash']})"),
+            ("samples", f"{card['num_samples']} ({card['sampler']}, {card['network_evaluations']} network "
+                        f"evaluations, {card['spacing']} spacing{', ' + options if options else ''}, "
+                        f"seed {card['seed']})"),
+            ("reference", card["reference"])]
+    if card.get("features"):
+        f = card["features"]
+        acc = f" held-out accuracy {f['heldout_accuracy']:.3f}," if "heldout_accuracy" in f else ""
+        rows.append(("features", f"{f['name']} ({acc} sha256 {f['fingerprint']})"))
+    for key, value in card["metrics"].items():
+        rows.append((key, ", ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else
+                     (f"{value:.4g}" if isinstance(value, float) else str(value))))
+    if "classes" in card:
+        rows.append(("classes", card["classes"]))
+    for r in card.get("guidance_sweep", []):
+        acc = f", label accuracy {r['label_accuracy']:.3f}" if "label_accuracy" in r else ""
+        rows.append((f"guidance {r['guidance']:g}", f"distance {r['distance']:.3f}{acc}"))
+    if "bits_per_dim" in card:
+        b = card["bits_per_dim"]
+        rows.append(("bits/dim", f"{b['total_bpd']:.3f} +/- {b['stderr_bpd']:.3f} ({b['bound_on']}; {b['mode']}, "
+                                 f"{b['images']} held-out images, T={b['timesteps']})"))
+    rows.append(("seconds", f"{card['seconds']:.0f}"))
+    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731 - a | inside a value would split the cell
+    lines = ["| quantity | value |", "| --- | --- |"] + [f"| {cell(k)} | {cell(v)} |" for k, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------- sweep
+def sweep(
+    pipe: Pipeline, *, samplers: Sequence[str], nfes: Sequence[int], num: int, seed: int = 0, batch_size: int = 100,
+    data: str | None = None, features: str = "auto", reference: Reference | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], Reference]:
+    """Every sampler at every budget of network evaluations, on the same seeds (so the same x_T).
+
+    Returns one row per (sampler, NFE) that the sampler can run with this T (others are skipped
+    with a row whose ``skipped`` says why) and the reference used.
+    """
+    ref = reference or make_reference(pipe, data=data, features=features, seed=seed)
+    key, _ = headline_metric(ref)
+    rows: list[dict[str, Any]] = []
+    for sampler in samplers:
+        for nfe in nfes:
+            t0 = time.perf_counter()
+            try:
+                x = pipe.sample(num, sampler=sampler, steps=nfe, seed=seed, batch_size=batch_size)
+            except ValueError as exc:  # e.g. more grid points than the chain has timesteps
+                row = {"sampler": sampler, "nfe": nfe, "skipped": str(exc)}
+            else:
+                seconds = time.perf_counter() - t0
+                metrics = distances(x, ref)
+                row = {"sampler": sampler, "nfe": nfe, "distance": metrics[key], "seconds": round(seconds, 1),
+                       **{k: v for k, v in metrics.items() if k not in (key, "class_histogram")}}
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows, ref
+
+
+def sweep_markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
+    """The sweep as a Markdown table: one line per (sampler, NFE)."""
+    lines = [f"| sampler | network evaluations | {metric} | seconds |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['sampler']} | {r['nfe']} | {r['distance']:.3f} | {r['seconds']} |" for r in rows
+              if "distance" in r]
+    return "\n".join(lines) + "\n"

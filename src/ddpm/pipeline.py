@@ -1,0 +1,394 @@
+"""The public run API: a trained model, ready to sample, measure and export.
+
+    import ddpm
+
+    pipe = ddpm.load("runs/mnist", weights="ema", device="auto")   # a run, a checkpoint or a diffusers folder
+    images = pipe.sample(64, sampler="ancestral", steps=50, seed=0)  # [64, 1, 28, 28] in [-1, 1], on the CPU
+    bound = pipe.nll(images_in_minus1_1, estimate=40)              # bits/dim with its standard error
+    pipe.save_pretrained("export/mnist")                           # a folder diffusers.DDPMPipeline loads
+
+A :class:`Pipeline` holds the network (``pipe.model``, called as ``model(x_t, t)``), the diffusion
+(``pipe.diffusion``, a :class:`~ddpm.GaussianDiffusion`) and the resolved configuration
+(``pipe.config``, a :class:`~ddpm.train.config.RunConfig`). Sampling and the bound are sharded over
+the processes of a torchrun job (every process gets all results); sample i and image i draw their
+noise from their own seed, so results do not depend on the batch size or the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddpm.build import build_diffusion, model_from_spec, model_spec
+from ddpm.choices import WEIGHTS, Weights, check_choice
+from ddpm.diffusers_format import is_pipeline_folder, read_pipeline_folder, write_pipeline_folder
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import CheckpointError, UserError
+from ddpm.guidance import Guided
+from ddpm.likelihood import nll as exact_bound
+from ddpm.likelihood import nll_estimate
+from ddpm.samplers import Spacing, get_spec, sample, sampling_chain
+from ddpm.tensors import check_finite
+from ddpm.train.checkpoint import load_model_weights, read_config, resolve_checkpoint
+from ddpm.train.config import ModelConfig, RunConfig
+from ddpm.train.distributed import all_gather_tensor, get_rank, get_world_size, resolve_device
+from ddpm.train.seeding import derive_seed
+
+
+def item_seeds(seed: int, indices: Sequence[int], stream: str = "sample") -> list[int]:
+    """The seed of item i: a function of (seed, stream, i) only, so item i is the same in any batch or process."""
+    return [derive_seed(seed, stream, int(i)) for i in indices]
+
+
+def _generators(seed: int, indices: Sequence[int], stream: str, device: torch.device) -> list[torch.Generator]:
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    return [torch.Generator(device=gen_device).manual_seed(s) for s in item_seeds(seed, indices, stream)]
+
+
+def _my_share(n: int) -> tuple[list[int], int]:
+    """This process's contiguous share of items 0..n-1 and the (padded) share size of every process."""
+    rank, world = get_rank(), get_world_size()
+    per_rank = math.ceil(n / world) if n else 0
+    return list(range(rank * per_rank, min(n, (rank + 1) * per_rank))), per_rank
+
+
+@dataclass
+class Bound:
+    """The variational bound on a set of images, in bits per dimension.
+
+    ``total_bpd`` is the mean over images of L_T + sum L_{t-1} + L_0; ``stderr_bpd`` its standard
+    error (the spread over images, plus the Monte Carlo error of an estimate). For the exact bound
+    the parts are there too: ``prior_bpd`` (L_T), ``kl_bpd`` (sum of L_{t-1}), ``decoder_bpd`` (L_0)
+    and the mean of every term ``terms_bpd`` ``[T]``.
+    """
+
+    total_bpd: float
+    stderr_bpd: float
+    prior_bpd: float
+    images: int
+    timesteps: int
+    mode: str
+    per_image_bpd: torch.Tensor = field(repr=False)
+    conditional: bool = False  # True: the bound on -log p(x | y) with the given labels
+    decoder_bpd: float | None = None
+    kl_bpd: float | None = None
+    mc_stderr_bpd: float | None = None
+    terms_bpd: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The scalar fields, JSON-ready (the per-image and per-term tensors left out)."""
+        keys = ("images", "timesteps", "mode", "total_bpd", "stderr_bpd", "prior_bpd", "kl_bpd", "decoder_bpd",
+                "mc_stderr_bpd")
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        out["bound_on"] = "-log p(x | y), true labels" if self.conditional else "-log p(x)"
+        return out
+
+
+class Pipeline:
+    """A trained denoising network with its diffusion and configuration; see the module docstring.
+
+    Attributes:
+        model: the network in eval mode, ``model(x_t, t)``.
+        diffusion: the diffusion it was trained with (all T steps).
+        config: the resolved run configuration (for an imported diffusers folder: its diffusion and
+            the data shape; the network's own architecture is ``model.config``).
+        source: the checkpoint or pipeline folder the weights came from.
+        weights: ``"ema"`` or ``"raw"``.
+        data_shape: the per-example shape, ``(C, H, W)`` or ``(D,)``.
+    """
+
+    def __init__(
+        self, model: nn.Module, diffusion: GaussianDiffusion, config: RunConfig, *, source: Path, weights: Weights,
+    ) -> None:
+        if config.model.data_shape is None:
+            raise CheckpointError(f"{source}: the configuration has no model.data_shape")
+        self.model = model.eval()
+        self.diffusion = diffusion
+        self.config = config
+        self.source = Path(source)
+        self.weights = weights
+        self.data_shape: tuple[int, ...] = tuple(config.model.data_shape)
+
+    def __repr__(self) -> str:
+        return (f"Pipeline(source={str(self.source)!r}, weights={self.weights!r}, data_shape={self.data_shape}, "
+                f"device={str(self.device)!r}, {self.diffusion!r})")
+
+    # ------------------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.model.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.data_shape) == 3
+
+    @property
+    def clip_denoised(self) -> bool:
+        """Whether sampling clamps the predicted x_0 to [-1, 1] by default (images yes, vectors no)."""
+        configured = self.config.diffusion.clip_denoised
+        return self.is_image if configured is None else bool(configured) and self.is_image
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of a class-conditional network (labels 0..num_classes-1), else None."""
+        return getattr(getattr(self.model, "config", None), "num_classes", None)
+
+    @property
+    def can_guide(self) -> bool:
+        """Whether classifier-free guidance is possible: a conditional network whose null class was trained
+        (label dropout ``model.cond_drop`` > 0; an imported model with ddpm's null-class marker)."""
+        if self.num_classes is None or not getattr(self.model.config, "null_class", False):
+            return False
+        return self.config.model.preset == "diffusers" or self.config.model.cond_drop > 0
+
+    def labels(self, classes: int | Sequence[int] | torch.Tensor | None, num: int) -> torch.Tensor | None:
+        """Per-sample labels ``[num]`` from one class for all, one per sample, or None (unconditional)."""
+        if classes is None:
+            return None
+        if self.num_classes is None:
+            raise UserError(f"{self.source} is an unconditional model: it takes no class labels")
+        labels = torch.as_tensor(classes, dtype=torch.long).flatten()
+        if labels.numel() == 1:
+            labels = labels.expand(num).clone()
+        if labels.numel() != num:
+            raise UserError(f"got {labels.numel()} class labels for {num} samples")
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise UserError(f"class labels must lie in 0..{self.num_classes - 1}, got {sorted(set(labels.tolist()))}")
+        return labels
+
+    def guided_model(self, guidance: float) -> Any:
+        """The network with classifier-free guidance of weight ``guidance`` (1: the network itself)."""
+        if guidance == 1.0:
+            return self.model
+        if not self.can_guide:
+            raise UserError(f"guidance {guidance} needs a class-conditional model trained with label dropout "
+                            f"(a null class); {self.source} is not one")
+        return Guided(self.model, guidance, self.num_classes, prediction_channels=self.data_shape[0])
+
+    def to(self, device: torch.device | str) -> Pipeline:
+        """Move the network to ``device`` ("auto": CUDA, else MPS, else CPU); returns ``self``."""
+        self.model.to(resolve_device(str(device)) if str(device) == "auto" else torch.device(device))
+        return self
+
+    def fingerprint(self) -> str:
+        """A short SHA-256 of the weights in memory (identifies the model in eval cards)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # ---------------------------------------------------------------------------- sampling
+    def network_evaluations(self, sampler: str, steps: int | None) -> int:
+        """How many network evaluations ``sample(..., sampler, steps)`` costs per sample."""
+        spec = get_spec(sampler)
+        if steps is not None:
+            return int(steps)
+        return self.diffusion.num_timesteps if spec.default_steps is None else spec.default_steps
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        num: int,
+        *,
+        sampler: str = "ancestral",
+        steps: int | None = None,
+        spacing: Spacing | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        clip_denoised: bool | None = None,
+        classes: int | Sequence[int] | torch.Tensor | None = None,
+        guidance: float = 1.0,
+        progress: bool = False,
+        **options: float,
+    ) -> torch.Tensor:
+        """Draw samples 0..num-1: float ``[num, *data_shape]`` on the CPU (images in [-1, 1]).
+
+        ``steps`` is the number of network evaluations (None: the sampler's default), ``spacing``
+        the time grid (None: the sampler's default); ``options`` are the sampler's (e.g. ``eta``).
+        A class-conditional model samples class ``classes`` (one label for all, or one per sample;
+        None: unconditionally, with the null class) with classifier-free guidance ``guidance``
+        (0: unconditional, 1: conditional, more: sharper; one network call of 2B per evaluation).
+        Sample i is drawn from its own seed (``seed``, i), so it does not depend on ``batch_size``
+        or on how many processes share the work. Raises :class:`~ddpm.errors.UserError` if the
+        network produces non-finite samples (broken weights).
+        """
+        if num < 1 or batch_size < 1:
+            raise UserError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
+        clip = self.clip_denoised if clip_denoised is None else clip_denoised and self.is_image
+        labels = self.labels(classes, num)
+        if labels is None and guidance != 1.0:
+            raise UserError("guidance needs class labels (classes=...)")
+        model = self.guided_model(guidance)
+        mine, per_rank = _my_share(num)
+        chunks: Any = range(0, len(mine), batch_size)
+        if progress and get_rank() == 0:
+            from tqdm.auto import tqdm
+
+            nfe = self.network_evaluations(sampler, steps)
+            chunks = tqdm(chunks, desc=f"sampling ({sampler}, {nfe} network evaluations)")
+        out = []
+        for start in chunks:
+            idx = mine[start : start + batch_size]
+            x = sample(
+                self.diffusion, model, (len(idx), *self.data_shape), sampler=sampler, steps=steps,
+                spacing=spacing, clip_denoised=clip, generator=_generators(seed, idx, "sample", self.device),
+                device=self.device, y=None if labels is None else labels[idx], **options,
+            )
+            out.append(x.float().cpu())
+        local = torch.cat(out) if out else torch.empty(0, *self.data_shape)
+        if get_world_size() > 1:  # rank r holds samples r*per_rank..: pad, gather, keep the first num
+            padded = torch.zeros(per_rank, *self.data_shape)
+            padded[: local.shape[0]] = local
+            local = all_gather_tensor(padded.to(self.device)).cpu()[:num]
+        check_finite(local, what=f"samples from {self.source} ({self.weights} weights)")
+        return local
+
+    @torch.inference_mode()
+    def reverse_chain(
+        self,
+        num: int,
+        *,
+        sampler: str = "ancestral",
+        steps: int | None = None,
+        spacing: Spacing | None = None,
+        seed: int = 0,
+        frames: int | None = 60,
+        classes: int | Sequence[int] | torch.Tensor | None = None,
+        guidance: float = 1.0,
+        **options: float,
+    ) -> torch.Tensor:
+        """The reverse chain x_T -> x_0 of samples 0..num-1 as ``[F, num, *data_shape]`` (F frames, on the CPU).
+
+        Sample i is the same as ``sample(...)[i]`` with the same arguments; not sharded.
+        """
+        idx = list(range(num))
+        labels = self.labels(classes, num)
+        _, trajectory = sample(
+            self.diffusion, self.guided_model(guidance), (num, *self.data_shape), sampler=sampler, steps=steps,
+            spacing=spacing, clip_denoised=self.clip_denoised, generator=_generators(seed, idx, "sample", self.device),
+            device=self.device, return_trajectory=True, trajectory_frames=frames, y=labels, **options,
+        )
+        return trajectory.float().cpu()
+
+    def grid_timesteps(self, sampler: str, steps: int | None, spacing: Spacing | None = None) -> list[float]:
+        """The network timesteps a sampler visits (largest first)."""
+        chain = sampling_chain(self.diffusion, sampler, steps, spacing)
+        return [float(t) for t in chain.timestep_map.flip(0)]
+
+    # ---------------------------------------------------------------------------- the bound
+    @torch.inference_mode()
+    def nll(
+        self,
+        images: torch.Tensor,
+        *,
+        estimate: int | None = None,
+        seed: int = 0,
+        batch_size: int = 32,
+        respace: int | None = None,
+        labels: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> Bound:
+        """The variational bound on ``images`` ``[N, C, H, W]`` in [-1, 1] (8-bit data), bits/dim.
+
+        ``estimate=None`` evaluates all T terms per image; ``estimate=K`` is the unbiased importance
+        estimate from K timesteps per image, with its standard error. ``respace=K`` bounds the
+        respaced K-step model instead. Image i draws its noise (and timesteps) from its own seed.
+        For a class-conditional model, ``labels`` (the images' true classes) make it the bound on
+        -log p(x | y); without them it is the bound on -log p(x) of the null-class model.
+        """
+        if not self.is_image:
+            raise UserError("the bound uses the 256-level decoder of 8-bit images; this model is for vectors")
+        if tuple(images.shape[1:]) != self.data_shape:
+            raise UserError(f"images of shape {list(images.shape[1:])} do not fit a model trained on "
+                            f"{list(self.data_shape)}")
+        y_all = self.labels(labels, images.shape[0]) if labels is not None else None
+        diffusion = self.diffusion if respace is None else self.diffusion.respaced(respace)
+        T = diffusion.num_timesteps
+        n = images.shape[0]
+        mine, per_rank = _my_share(n)
+        rows = torch.zeros(per_rank, 4 + T, dtype=torch.float64)  # total, prior, stderr, valid, terms...
+        chunks: Any = range(0, len(mine), batch_size)
+        if progress and get_rank() == 0:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="bound")
+        for start in chunks:
+            idx = mine[start : start + batch_size]
+            x0 = images[idx].to(self.device, torch.float32)
+            sl = slice(start, start + len(idx))
+            gens = _generators(seed, idx, "nll", self.device)
+            y = None if y_all is None else y_all[idx].to(self.device)
+            if estimate is None:
+                r = exact_bound(diffusion, self.model, x0, generator=gens, max_batch_size=max(batch_size, 256), y=y)
+                rows[sl, 0], rows[sl, 1], rows[sl, 4:] = r.total_bpd.cpu(), r.prior_bpd.cpu(), r.terms_bpd.cpu()
+            else:
+                e = nll_estimate(diffusion, self.model, x0, estimate, generator=gens,
+                                 max_batch_size=max(batch_size, 256), y=y)
+                rows[sl, 0], rows[sl, 1], rows[sl, 2] = e.total_bpd.cpu(), e.prior_bpd.cpu(), e.stderr_bpd.cpu()
+            rows[sl, 3] = 1.0
+        if get_world_size() > 1:
+            rows = all_gather_tensor(rows.to(self.device)).cpu()
+        rows = rows[rows[:, 3] == 1]
+        total = rows[:, 0]
+        spread = float(total.std() / math.sqrt(len(total))) if len(total) > 1 else float("nan")
+        common = {"total_bpd": float(total.mean()), "prior_bpd": float(rows[:, 1].mean()), "images": int(len(total)),
+                  "timesteps": T, "per_image_bpd": total, "conditional": y_all is not None}
+        if estimate is None:
+            terms = rows[:, 4:]
+            return Bound(**common, stderr_bpd=spread, mode="exact", decoder_bpd=float(terms[:, 0].mean()),
+                         kl_bpd=float(terms[:, 1:].sum(1).mean()), terms_bpd=terms.mean(0))
+        within = float(rows[:, 2].pow(2).sum().sqrt() / len(total))
+        between = 0.0 if math.isnan(spread) else spread
+        return Bound(**common, stderr_bpd=math.sqrt(between**2 + within**2), mc_stderr_bpd=within,
+                     mode=f"importance estimate, {estimate} terms per image")
+
+    # ------------------------------------------------------------------------------ export
+    def save_pretrained(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Write a diffusers pipeline folder (``DDPMPipeline.from_pretrained(folder)`` loads it).
+
+        The weights written are this pipeline's (``weights="ema"`` at load time: the EMA weights).
+        Only U-Nets can be exported; see :mod:`ddpm.diffusers_format` for the scheduler mapping.
+        """
+        model = self.model
+        was = next(iter(model.parameters())).device
+        try:
+            return write_pipeline_folder(folder, model.to("cpu"), self.config.diffusion,
+                                         clip_sample=self.clip_denoised, overwrite=overwrite)
+        finally:
+            model.to(was)
+
+
+# ------------------------------------------------------------------------------------- load
+def load(path: str | Path, *, weights: Weights = "ema", device: torch.device | str = "auto") -> Pipeline:
+    """A :class:`Pipeline` from a run folder (its newest complete checkpoint), a checkpoint folder
+    or a diffusers pipeline folder, with ``weights`` (``"ema"`` or ``"raw"``; a diffusers folder
+    holds one set) on ``device`` ("auto": CUDA, else MPS, else CPU)."""
+    check_choice("weights", weights, WEIGHTS)
+    path = Path(path)
+    target = resolve_device(str(device)) if str(device) == "auto" else torch.device(device)
+    if not path.exists():
+        raise CheckpointError(f"{str(path)!r} does not exist")
+    if is_pipeline_folder(path):
+        parts = read_pipeline_folder(path)
+        config = RunConfig(diffusion=parts.diffusion, model=ModelConfig(preset="diffusers",
+                                                                        data_shape=parts.data_shape))
+        return Pipeline(parts.model.to(target), build_diffusion(parts.diffusion), config, source=path,
+                        weights=weights)
+    folder = resolve_checkpoint(path)
+    config = read_config(folder)
+    if config.model.data_shape is None:
+        raise CheckpointError(f"{folder}: the checkpoint's config has no model.data_shape")
+    shape = tuple(config.model.data_shape)
+    _, spec = model_spec(config.model, shape, learned_sigma=config.diffusion.variance == "learned_range")
+    model = model_from_spec(spec)
+    load_model_weights(folder, model, which=weights)
+    return Pipeline(model.to(target), build_diffusion(config.diffusion), config, source=folder, weights=weights)
