@@ -24,6 +24,8 @@ from ddpm.schedules import make_betas
 from ddpm.train.config import RunConfig, apply_overrides
 from ddpm.train.trainer import Trainer
 
+from .test_cli import TINY as TINY_CLI
+from .test_cli import write_folder
 from .test_train import T, TinyImages, make_config
 
 TINY = UNetConfig(
@@ -222,6 +224,68 @@ def test_trainer_default_is_the_device_rule(tmp_path):
     _, lines = run_trainer(tmp_path, **{"train.amp": "auto"})
     expected = resolve_policy("cpu", model=UNet(TINY)).record()
     assert lines[0]["runtime"] == expected and expected["forced"] == []
+
+
+def test_fit_records_the_device_rule_and_the_pipeline_samples_with_it(tmp_path):
+    import ddpm
+
+    data = write_folder(tmp_path / "data")
+    cfg = apply_overrides(RunConfig(), {
+        "data.dataset": str(data), "diffusion.timesteps": 50, "train.steps": 2, "train.batch_size": 4,
+        "train.device": "cpu", "train.out_dir": str(tmp_path / "run"), "train.tensorboard": False,
+        "train.sample_every": 0, "optim.warmup_steps": 1, "model.base_channels": 8, "model.channel_mult": [1, 2],
+        "model.num_groups": 4,
+    })
+    assert cfg.train.amp == cfg.train.memory_format == cfg.train.upsample == "auto"  # nothing forced
+    result = ddpm.fit(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    runtime = lines[0]["runtime"]
+    rule = CPU_RULES[detect_machine("cpu").best_cpu_feature]  # this CPU's rule, whichever CPU runs the test
+    assert (runtime["memory_format"], runtime["amp"], runtime["upsample"]) == (rule.memory_format, rule.amp,
+                                                                               rule.upsample)
+    assert runtime["forced"] == [] and runtime["machine"] == detect_machine("cpu").name
+
+    pipe = ddpm.load(result.checkpoint, device="cpu")  # sampling: the rule's layout and kernels, in float32
+    assert (pipe.policy.memory_format, pipe.policy.upsample, pipe.policy.amp) == (rule.memory_format,
+                                                                                  rule.upsample, "none")
+    assert all(m.subpixel == (rule.upsample == "subpixel") for m in pipe.model.modules() if isinstance(m, Upsample))
+    fp32 = pipe.sample(2, sampler="ddim", steps=5, seed=1)
+    bf16 = ddpm.load(result.checkpoint, device="cpu", amp="bf16")
+    assert isinstance(bf16.policy.wrap(bf16.model), PolicyForward)
+    half = bf16.sample(2, sampler="ddim", steps=5, seed=1)
+    assert half.dtype == torch.float32 and not torch.equal(half, fp32)
+    assert (half - fp32).abs().max() < 0.1  # the same samples, to bf16's precision
+    with pytest.raises(ConfigError, match=r"amp='fp16' needs CUDA"):
+        ddpm.load(result.checkpoint, device="cpu", amp="fp16")
+
+
+def test_train_flags_override_the_policy_and_help_shows_the_config_defaults(tmp_path, capsys):
+    from ddpm.cli import main
+
+    data = write_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--steps", "1", "--out", str(run), "--amp", "none",
+                 "--memory-format", "channels_last", "--attention", "matmul", "--upsample", "nearest",
+                 "--fused-optimizer", "off", "--no-compile", *TINY_CLI]) == 0
+    runtime = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["runtime"]
+    assert (runtime["amp"], runtime["memory_format"], runtime["attention"], runtime["upsample"],
+            runtime["fused_optimizer"], runtime["compile"]) == ("none", "channels_last", "matmul", "nearest",
+                                                                False, False)
+    assert set(runtime["forced"]) == {"amp", "memory_format", "attention", "upsample", "fused_optimizer"}
+
+    assert main(["sample", str(run), "-n", "2", "--steps", "2", "--amp", "bf16", "--device", "cpu",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "sample_info.json").read_text())["runtime"]["amp"] == "bf16"
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, key in (("--amp", "train.amp"), ("--memory-format", "train.memory_format"),
+                      ("--attention", "train.attention"), ("--upsample", "train.upsample"),
+                      ("--fused-optimizer", "train.fused_optimizer")):
+        assert f"{flag} {{auto," in text and f"(default: auto) [{key}]" in text
+    assert "--compile, --no-compile" in text and "(default: off) [train.compile]" in text
 
 
 # ---------------------------------------------------------------------------------- sampling
