@@ -175,6 +175,8 @@ RUN_BOOKKEEPING: frozenset[str] = frozenset({
     "train.steps", "train.device", "train.compile", "train.checkpoint_every", "train.keep_last",
     "train.log_every", "train.sample_every", "train.eval_every", "train.eval_batches", "train.max_nonfinite",
     "train.out_dir", "train.tensorboard", "data.cache_dir",
+    # the runtime policy's layout and kernels compute the same function (train.amp does not: it stays listed)
+    "train.memory_format", "train.attention", "train.upsample", "train.fused_optimizer",
 })
 
 
