@@ -31,7 +31,7 @@ asked for: on the 2-core CPU it compiled for about 2 minutes and gained nothing,
 must repay its compile time within the first 1% of a default run (``benchmarks/gpu.py`` measures
 that) before it may become a default.
 
-:meth:`RuntimePolicy.record` is what the trainer writes as the first line of ``metrics.jsonl``;
+:meth:`RuntimePolicy.record` is what the trainer writes into ``metrics.jsonl`` when a run starts or resumes;
 :func:`describe_machine` is the one-line description printed beside every images/s figure.
 """
 
