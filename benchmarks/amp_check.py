@@ -1,10 +1,12 @@
-"""Train the 28x28 preset for a fixed number of steps in fp32 and in bf16 autocast on one GPU;
+"""Train the 28x28 preset for a fixed number of steps in fp32 and in bf16 autocast on one device;
 report images/s and whether the two loss curves agree.
 
-    python benchmarks/amp_check.py --steps 1000 --batch-size 128 --out runs/amp_check
+    python benchmarks/amp_check.py --steps 1000 --batch-size 128 --out runs/amp_check          # GPU
+    python benchmarks/amp_check.py --device cpu --steps 400 --batch-size 64 --out runs/amp_cpu  # CPU
 
-Needs a CUDA device. The two runs share the seed, so they see the same data, timesteps and
-noise; only the arithmetic differs. Writes amp_check.md and amp_check.json into --out.
+The two runs share the seed, so they see the same data, timesteps and noise; only the
+arithmetic differs (and with it the attention kernel the runtime policy picks for each
+precision). Writes amp_check.md and amp_check.json into --out.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ddpm.cli import main as ddpm_main
+from ddpm.nn.policy import describe_machine
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -34,15 +37,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--data", default="mnist5k")
     p.add_argument("--out", type=Path, default=Path("runs/amp_check"))
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("amp_check needs a CUDA device")
     results = {}
     for amp in ("none", "bf16"):
         run = args.out / amp
         code = ddpm_main(["train", "--data", args.data, "--preset", "mnist-28", "--steps", str(args.steps),
                           "--batch-size", str(args.batch_size), "--lr", "2e-3", "--warmup-steps", "100",
-                          "--device", "cuda", "--amp", amp, "--out", str(run), "--log-every", "10",
+                          "--device", args.device, "--amp", amp, "--out", str(run), "--log-every", "10",
                           "--checkpoint-every", str(args.steps), "--sample-every", "0", "--no-hflip",
                           "--set", "train.tensorboard=false"])
         if code:
@@ -56,7 +58,7 @@ def main() -> None:
     late_a, late_b = statistics.fmean(a[half:]), statistics.fmean(b[half:])
     max_rel = max(abs(x - y) / x for x, y in zip(a[half:], b[half:], strict=True))
     summary = {
-        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "steps": args.steps,
+        "device": describe_machine(args.device), "torch": torch.__version__, "steps": args.steps,
         "batch_size": args.batch_size,
         "fp32_images_per_sec": round(results["none"]["images_per_sec"]),
         "bf16_images_per_sec": round(results["bf16"]["images_per_sec"]),

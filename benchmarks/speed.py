@@ -1,31 +1,30 @@
-"""Speed of ``ddpm.nn.UNet`` against diffusers' ``UNet2DModel`` on the *same* architecture.
+"""Speed of ``ddpm.nn.UNet`` against diffusers' ``UNet2DModel`` of the *same* architecture, on this CPU.
 
-For ``ddpm-cifar10`` (35.7M parameters, the paper's CIFAR-10 model) and ``mnist-28`` it builds
-ours and the identical diffusers model (same parameter count, checked), then reports:
+For ``mnist-28`` and ``ddpm-cifar10`` it builds ours and the identical diffusers model (same
+parameter count, checked) and times, in one process:
 
-* parameters, forward GFLOP per image (``torch.utils.flop_counter.FlopCounterMode``);
-* training throughput in images/s: forward, eps-MSE, backward, AdamW step, grads set to None;
-  the optimizer is the same for both models (``--optimizer``);
-* sampling-step latency: one forward at ``--sample-batch`` under ``torch.inference_mode``;
-* peak memory: ``ru_maxrss`` of a fresh subprocess per model and task (build, two steps), and
-  the same minus the RSS right after building the model (activations, grads, optimizer state).
+* a training step: forward, eps-MSE, backward, AdamW step (fused for both), grads set to None;
+* a sampling step: one forward under ``torch.inference_mode``;
 
-Ours and theirs are timed alternately, repeat after repeat, so machine drift (this machine is
-shared) hits both alike; the tables give medians over the repeats (the first is a warm-up).
+for both memory layouts (NCHW and NHWC) of both libraries, in float32 and, where asked, under
+the same bfloat16 autocast for both. Ours runs with its runtime policy's kernels for this CPU
+and precision (``ddpm.nn.policy``: attention and upsampling kernels); its layout is the one
+timed. All variants of one precision are timed in turn, round after round, so drift of a shared
+machine hits them alike; each table gives medians over the rounds (the first is a warm-up), and
+the ratios compare each library's *best* layout, with the spread of the per-round ratios.
 
-    python benchmarks/speed.py                # full run, writes benchmarks/results/speed.md
-    python benchmarks/speed.py --quick        # a fast smoke run (fewer repeats, smaller batches)
+    python benchmarks/speed.py --threads 2               # full run, writes benchmarks/results/speed.md
+    python benchmarks/speed.py --threads 2 --quick       # smoke run: few rounds, small batches
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,241 +32,202 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm.nn import UNet, param_count, unet_preset
+from ddpm.nn.policy import describe_machine, detect_machine, resolve_policy
 from ddpm.nn.pretrained import config_to_diffusers
 
-CONFIGS = {"ddpm-cifar10": {"train_batch": 8}, "mnist-28": {"train_batch": 32}}
+TRAIN_BATCH = {"mnist-28": 64, "ddpm-cifar10": 8}  # mnist-28: the demo's batch
+LAYOUTS = {"NCHW": "contiguous", "NHWC": "channels_last"}
 
 
-def build(which: str, preset: str) -> torch.nn.Module:
+@dataclass
+class Variant:
+    """One library in one layout and precision, ready to step."""
+
+    library: str  # "ours" or "diffusers"
+    layout: str  # "NCHW" or "NHWC"
+    model: torch.nn.Module
+    amp: str  # "none" or "bf16"
+    kernels: str = ""  # ours: the policy's attention / upsample kernels
+    times: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "sample": []})
+
+    @property
+    def name(self) -> str:
+        return f"{self.library} {self.layout}"
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp == "bf16"):
+            out = self.model(x, t)
+        return (out if torch.is_tensor(out) else out.sample).float()
+
+
+def build(library: str, layout: str, preset: str, amp: str) -> Variant:
     config = unet_preset(preset)
-    if which == "ours":
-        return UNet(config)
-    if which == "ours-bf16":
-        return UNet(config.replace(autocast="bfloat16"))
+    torch.manual_seed(0)
+    if library == "ours":
+        policy = resolve_policy("cpu", memory_format=LAYOUTS[layout], amp=amp)  # type: ignore[arg-type]
+        model = policy.prepare(UNet(config))
+        return Variant(library, layout, model, amp, kernels=f"{policy.attention} attention, {policy.upsample} upsample")
     from diffusers import UNet2DModel
 
-    return UNet2DModel(**config_to_diffusers(config))
+    model = UNet2DModel(**config_to_diffusers(config))
+    if layout == "NHWC":
+        model = model.to(memory_format=torch.channels_last)
+    return Variant(library, layout, model, amp)
 
 
-def forward(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    out = model(x, t)
-    return out if torch.is_tensor(out) else out.sample
-
-
-def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
-    extra = {"fused": True} if kind == "fused" else {"foreach": True} if kind == "foreach" else {}
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, **extra)
-
-
-def train_step(model, opt, x, t, eps) -> None:
-    loss = F.mse_loss(forward(model, x, t), eps)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def sample_step(model, x, t) -> None:
-    with torch.inference_mode():
-        forward(model, x, t)
-
-
-def inputs(preset: str, batch: int, seed: int = 0):
+def inputs(preset: str, batch: int, layout: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = unet_preset(preset)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    if layout == "NHWC":
+        x = x.contiguous(memory_format=torch.channels_last)
     return x, torch.randint(0, 1000, (batch,), generator=g), torch.randn(x.shape, generator=g)
 
 
-def gflop_per_image(model: torch.nn.Module, preset: str) -> float:
-    x, t, _ = inputs(preset, 1)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        forward(model.eval(), x, t)
-    return counter.get_total_flops() / 1e9
+def train_step_fn(v: Variant, preset: str, batch: int) -> Callable[[], None]:
+    x, t, eps = inputs(preset, batch, v.layout)
+    opt = torch.optim.AdamW(v.model.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        v.model.train()
+        F.mse_loss(v.forward(x, t), eps).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
-def proc_status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def sample_step_fn(v: Variant, preset: str, batch: int) -> Callable[[], None]:
+    x, t, _ = inputs(preset, batch, v.layout)
+
+    def step() -> None:
+        v.model.eval()
+        with torch.inference_mode():
+            v.forward(x, t)
+
+    return step
 
 
-def memory_child(which: str, preset: str, task: str, batch: int, optimizer: str) -> None:
-    """Run in a fresh interpreter: build, reset the peak RSS, two steps, print the peak as JSON.
-
-    Both models' processes import diffusers, so their baselines match. Linux only: the peak
-    (VmHWM) is reset through /proc/self/clear_refs once the model and inputs exist.
-    """
-    import diffusers  # noqa: F401  (same imports, same baseline, for ours and theirs)
-
-    torch.manual_seed(0)
-    model = build(which, preset)
-    x, t, eps = inputs(preset, batch)
-    opt = make_optimizer(model, optimizer) if task == "train" else None
-    model.train(task == "train")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = proc_status_mib("VmRSS")
-    for _ in range(2):
-        if opt is not None:
-            train_step(model, opt, x, t, eps)
-        else:
-            sample_step(model, x, t)
-    peak = proc_status_mib("VmHWM")
-    print(json.dumps({"peak_mib": peak, "delta_mib": peak - base}))
+def gflop_per_image(model: torch.nn.Module, preset: str, batch: int) -> float:
+    """Forward GFLOP per image at ``batch`` (ours' sub-pixel upsampling is used from a batch size on)."""
+    x, t, _ = inputs(preset, batch, "NCHW")
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.eval()(x, t)
+    return counter.get_total_flops() / 1e9 / batch
 
 
-def peak_memory(which: str, preset: str, task: str, batch: int, optimizer: str) -> dict:
-    cmd = [sys.executable, __file__, "--memory-child", which, preset, task, str(batch), optimizer]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def time_interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats + 1):  # +1: the first round is a warm-up and is dropped
-        for name, step in steps.items():
+def time_rounds(variants: list[Variant], task: str, steps: dict[str, Callable[[], None]], rounds: int) -> None:
+    """``rounds + 1`` rounds, every variant once per round; the first round is a warm-up and dropped."""
+    for r in range(rounds + 1):
+        for v in variants:
             start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {k: v[1:] for k, v in times.items()}
+            steps[v.name]()
+            if r:
+                v.times[task].append(time.perf_counter() - start)
 
 
-def bench_preset(preset: str, args) -> dict:
-    train_batch = args.train_batch or CONFIGS[preset]["train_batch"]
-    torch.manual_seed(0)
-    names = ("ours", "diffusers", "ours-bf16") if args.bf16 else ("ours", "diffusers")
-    models = {w: build(w, preset) for w in names}
-    result: dict = {"preset": preset, "train_batch": train_batch, "sample_batch": args.sample_batch}
-    params = {w: param_count(m) for w, m in models.items()}  # ours-bf16 has the same weights as ours
+def bench(preset: str, amp: str, args: argparse.Namespace) -> dict:
+    variants = [build(lib, layout, preset, amp) for lib in ("ours", "diffusers") for layout in LAYOUTS]
+    params = {v.name: param_count(v.model) for v in variants}
     if len(set(params.values())) != 1:
         raise SystemExit(f"{preset}: architectures differ ({params})")
-    result["params"] = params
-    result["gflop"] = {w: gflop_per_image(m, preset) for w, m in models.items()}
-
-    x, t, eps = inputs(preset, train_batch)
-    opts = {w: make_optimizer(m, args.optimizer) for w, m in models.items()}
-    for m in models.values():
-        m.train()
-    train = time_interleaved(
-        {w: (lambda m=m, o=opts[w]: train_step(m, o, x, t, eps)) for w, m in models.items()}, args.repeats
-    )
-    del opts
-    xs, ts, _ = inputs(preset, args.sample_batch)
-    for m in models.values():
-        m.eval()
-    sample = time_interleaved(
-        {w: (lambda m=m: sample_step(m, xs, ts)) for w, m in models.items()}, args.repeats
-    )
-    result["train_img_s"] = {w: train_batch / statistics.median(v) for w, v in train.items()}
-    result["train_img_s_best"] = {w: train_batch / min(v) for w, v in train.items()}
-    result["sample_s"] = {w: statistics.median(v) for w, v in sample.items()}
-    result["sample_s_best"] = {w: min(v) for w, v in sample.items()}
-    del models
-    if not args.no_memory:
-        result["memory"] = {
-            task: {w: peak_memory(w, preset, task, b, args.optimizer) for w in ("ours", "diffusers")}
-            for task, b in (("train", train_batch), ("sample", args.sample_batch))
-        }
+    result = {"preset": preset, "amp": amp, "params": next(iter(params.values())), "variants": variants,
+              "train_batch": args.train_batch or TRAIN_BATCH[preset], "sample_batch": args.sample_batch}
+    if amp == "none":  # the counter sees ours' sub-pixel upsampling: fewer FLOPs for the same function
+        result["gflop"] = {lib: gflop_per_image(next(v.model for v in variants if v.library == lib), preset,
+                                                args.sample_batch) for lib in ("ours", "diffusers")}
+    for task, make, batch in (("train", train_step_fn, result["train_batch"]),
+                              ("sample", sample_step_fn, args.sample_batch)):
+        steps = {v.name: make(v, preset, batch) for v in variants}
+        time_rounds(variants, task, steps, args.rounds)
     return result
 
 
-def markdown(results: list[dict], args, elapsed: float) -> str:
+def best(variants: list[Variant], library: str, task: str) -> Variant:
+    return min((v for v in variants if v.library == library), key=lambda v: statistics.median(v.times[task]))
+
+
+def ratio_spread(a: Variant, b: Variant, task: str) -> tuple[float, float, float]:
+    """Median time ratio a/b, and the range of the per-round ratios."""
+    per_round = [x / y for x, y in zip(a.times[task], b.times[task], strict=True)]
+    return statistics.median(a.times[task]) / statistics.median(b.times[task]), min(per_round), max(per_round)
+
+
+def markdown(results: list[dict], args: argparse.Namespace, elapsed: float) -> str:
+    machine = detect_machine("cpu")
     lines = [
-        "# Speed: ddpm.nn.UNet vs diffusers UNet2DModel (identical architectures)",
+        "# Speed: ddpm.nn.UNet vs diffusers UNet2DModel (identical architectures), CPU",
         "",
         f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         "",
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU; "
-        f"AdamW optimizer for both: `{args.optimizer}`; {args.repeats} timed repeats (median; best in "
-        f"brackets), ours and diffusers alternating; run took {elapsed:.0f} s.",
+        f"Machine: {machine.describe()}; torch {torch.__version__}. Fused AdamW for both; {args.rounds} "
+        f"timed rounds per variant after a warm-up round, all variants of one precision in turn; medians. "
+        f"Run took {elapsed:.0f} s.",
         "",
-        "| model | params | fwd GFLOP/img | train img/s (batch) | sample step s (batch) "
-        "| peak RSS MiB train / sample | step memory MiB train / sample |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| preset | precision | variant | train ms/step (batch) | sample ms/step (batch) | ours' kernels |",
+        "| --- | --- | --- | ---: | ---: | --- |",
     ]
     for r in results:
-        for w in r["params"]:
-            mem = r.get("memory") if w != "ours-bf16" else None
-            mem_txt = ("-", "-")
-            if mem:
-                mem_txt = tuple(
-                    f"{mem['train'][w][k]:.0f} / {mem['sample'][w][k]:.0f}" for k in ("peak_mib", "delta_mib")
-                )
+        for v in r["variants"]:
             lines.append(
-                f"| {r['preset']} {w} | {r['params'][w] / 1e6:.2f}M | {r['gflop'][w]:.3f} | "
-                f"{r['train_img_s'][w]:.2f} [{r['train_img_s_best'][w]:.2f}] ({r['train_batch']}) | "
-                f"{r['sample_s'][w]:.3f} [{r['sample_s_best'][w]:.3f}] ({r['sample_batch']}) | "
-                f"{mem_txt[0]} | {mem_txt[1]} |"
+                f"| {r['preset']} | {r['amp'] if r['amp'] != 'none' else 'fp32'} | {v.name} | "
+                f"{1e3 * statistics.median(v.times['train']):.1f} ({r['train_batch']}) | "
+                f"{1e3 * statistics.median(v.times['sample']):.1f} ({r['sample_batch']}) | {v.kernels or '-'} |"
             )
     lines += [
         "",
-        "| preset | train throughput ours/diffusers | sample latency ours/diffusers "
-        "| step memory ours/diffusers train / sample |",
-        "| --- | ---: | ---: | ---: |",
+        "Each library on its best layout (the one with the lower median). Ratios are ours' time / diffusers' "
+        "time (targets: training <= 0.91, sampling <= 0.75); in brackets the range of the per-round ratios "
+        "of those two variants.",
+        "",
+        "| preset | precision | best layouts train (ours / diffusers) | train time ratio "
+        "| best layouts sample | sample time ratio |",
+        "| --- | --- | --- | ---: | --- | ---: |",
     ]
     for r in results:
-        tr = r["train_img_s"]["ours"] / r["train_img_s"]["diffusers"]
-        trb = r["train_img_s_best"]["ours"] / r["train_img_s_best"]["diffusers"]
-        sa = r["sample_s"]["ours"] / r["sample_s"]["diffusers"]
-        sab = r["sample_s_best"]["ours"] / r["sample_s_best"]["diffusers"]
-        mem = r.get("memory")
-        mem_txt = "-"
-        if mem:
-            mem_txt = " / ".join(
-                f"{mem[k]['ours']['delta_mib'] / mem[k]['diffusers']['delta_mib']:.2f}"
-                for k in ("train", "sample")
-            )
-        lines.append(f"| {r['preset']} | {tr:.2f}x [{trb:.2f}x] | {sa:.2f}x [{sab:.2f}x] | {mem_txt} |")
-        if "ours-bf16" in r["params"]:
-            tr = r["train_img_s"]["ours-bf16"] / r["train_img_s"]["diffusers"]
-            sa = r["sample_s"]["ours-bf16"] / r["sample_s"]["diffusers"]
-            label = f"{r['preset']}, ours in bf16 autocast vs diffusers fp32"
-            lines.append(f"| {label} | {tr:.2f}x | {sa:.2f}x | - |")
-    lines += [
-        "",
-        "Memory: a fresh process per model and task imports torch and diffusers, builds the model, inputs "
-        "(and optimizer), resets the kernel's peak-RSS counter (VmHWM, via /proc/self/clear_refs) and runs "
-        "two steps. 'Peak RSS' is VmHWM over those steps; 'step memory' is that peak minus the RSS just "
-        "before them (activations, gradients, optimizer state, allocator slack). The ratio uses step memory.",
-        "Ratios use medians; [best-of-repeats ratios] in brackets.",
-    ]
+        cells = []
+        for task in ("train", "sample"):
+            ours, theirs = best(r["variants"], "ours", task), best(r["variants"], "diffusers", task)
+            mid, lo, hi = ratio_spread(ours, theirs, task)
+            cells += [f"{ours.layout} / {theirs.layout}", f"{mid:.3f} [{lo:.2f}-{hi:.2f}]"]
+        precision = r["amp"] if r["amp"] != "none" else "fp32"
+        lines.append(f"| {r['preset']} | {precision} | " + " | ".join(cells) + " |")
+    lines += ["", f"Forward GFLOP per image at batch {args.sample_batch} (ours' sub-pixel upsampling computes the "
+              "same function with fewer multiply-adds):", "",
+              "| preset | params | forward GFLOP/image ours / diffusers |",
+              "| --- | ---: | ---: |"]
+    for r in results:
+        if "gflop" in r:
+            lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | "
+                         f"{r['gflop']['ours']:.3f} / {r['gflop']['diffusers']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--memory-child":
-        which, preset, task, batch, optimizer = argv[1:6]
-        memory_child(which, preset, task, int(batch), optimizer)
-        return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--quick", action="store_true", help="2 repeats, sampling batch 16, CIFAR-10 train batch 4"
-    )
-    p.add_argument("--presets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per model (default 5, quick 2)")
+    p.add_argument("--quick", action="store_true", help="2 rounds, sampling batch 8, train batches 8 and 2")
+    p.add_argument("--presets", nargs="+", default=list(TRAIN_BATCH), choices=list(TRAIN_BATCH))
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="bf16: both libraries under the same torch.autocast(bfloat16)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 6, quick 2)")
     p.add_argument("--train-batch", type=int, default=None, help="override the per-preset training batch")
-    p.add_argument("--sample-batch", type=int, default=None, help="sampling batch (default 64, quick 16)")
-    p.add_argument("--optimizer", choices=["fused", "foreach", "default"], default="fused")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--bf16", action="store_true", help="also time ours in bf16 autocast (not like for like)")
+    p.add_argument("--sample-batch", type=int, default=None, help="sampling batch (default 64, quick 8)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.repeats = args.repeats or (2 if args.quick else 5)
-    args.sample_batch = args.sample_batch or (16 if args.quick else 64)
+    args.rounds = args.rounds or (2 if args.quick else 6)
+    args.sample_batch = args.sample_batch or (8 if args.quick else 64)
     if args.quick and args.train_batch is None:
-        CONFIGS["ddpm-cifar10"]["train_batch"] = 4
+        TRAIN_BATCH.update({"mnist-28": 8, "ddpm-cifar10": 2})
+    print(f"machine: {describe_machine('cpu')}; torch {torch.__version__}", flush=True)
     start = time.perf_counter()
     results = []
     for preset in args.presets:
-        print(f"benchmarking {preset} ...", flush=True)
-        results.append(bench_preset(preset, args))
+        for precision in args.precisions:
+            print(f"benchmarking {preset} {precision} ...", flush=True)
+            results.append(bench(preset, "none" if precision == "fp32" else "bf16", args))
     text = markdown(results, args, time.perf_counter() - start)
     print(text)
     if not args.quick:

@@ -38,6 +38,7 @@ def config(data: Path, out: Path, **overrides: object) -> RunConfig:
         "model.base_channels": 8, "model.channel_mult": [1, 2], "model.num_groups": 4,
         "diffusion.schedule": "cosine", "diffusion.timesteps": 50, "diffusion.prediction": "v",
         "optim.lr": 1e-3, "optim.warmup_steps": 1, "train.steps": 4, "train.batch_size": 8, "train.device": "cpu",
+        "train.amp": "none",  # fp32 whatever this CPU's policy: runs are compared to float tolerance
         "train.checkpoint_every": 2, "train.keep_last": 0, "train.log_every": 1, "train.sample_every": 0,
         "train.tensorboard": False, "train.out_dir": str(out),
     }

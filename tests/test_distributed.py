@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -47,7 +48,8 @@ def make_config(out_dir: Path, steps: int, **overrides: object) -> RunConfig:
         "diffusion.timesteps": T, "diffusion.timestep_sampling": "loss-aware",
         "optim.lr": 1e-2, "optim.warmup_steps": 2, "optim.grad_accum": 2, "ema.decay": 0.9,
         "train.steps": steps, "train.batch_size": 8, "train.device": "cpu", "train.checkpoint_every": 2,
-        "train.keep_last": 0, "train.log_every": 1, "train.tensorboard": False, "train.out_dir": str(out_dir),
+        "train.amp": "none", "train.keep_last": 0, "train.log_every": 1, "train.tensorboard": False,
+        "train.out_dir": str(out_dir),
         **overrides,
     })
 
@@ -100,7 +102,9 @@ def test_two_processes_equal_one_and_resume_in_one(tmp_path):
     # Rank 0 alone wrote the checkpoints and logs.
     two = tmp_path / "two"
     assert sorted(p.name for p in two.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000004"]
-    assert len((two / "metrics.jsonl").read_text().splitlines()) == 4
+    lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
+    assert [x["runtime"]["amp"] for x in lines if "runtime" in x] == ["none"]  # one line, naming the policy
     for rank in (0, 1):
         assert "train.batch_size=7 is not divisible by world size 2" in (tmp_path / f"error-{rank}.txt").read_text()
 

@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ddpm.nn import PRESETS, UNet, UNetConfig, param_count, timestep_embedding, unet_preset
+from ddpm.nn.unet import _SUBPIXEL_TAPS, AttentionBlock, Upsample, upsample_conv_subpixel
 
 TINY = UNetConfig(
     in_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -174,28 +176,66 @@ def test_determinism_under_seed():
     assert torch.equal(run(), run())
 
 
-def test_memory_format_and_checkpointing_do_not_change_results():
-    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 20])
-    outs, grads = [], []
-    for kw in ({}, {"channels_last": False}, {"use_checkpoint": True}):
-        model = randomise(UNet(TINY.replace(dropout=0.0, **kw)))
+def _set_kernels(model: UNet, *, kernel: str = "sdpa", subpixel: bool = False) -> UNet:
+    for m in model.modules():
+        if isinstance(m, AttentionBlock):
+            m.kernel = kernel
+        elif isinstance(m, Upsample):
+            m.subpixel = subpixel
+    return model
+
+
+@pytest.mark.parametrize(
+    "variant", ["channels_last", "checkpoint", "matmul_attention", "subpixel_upsample", "all_cpu_kernels"]
+)
+def test_layouts_and_kernels_do_not_change_results(variant):
+    """Every runtime variant computes the reference function (NCHW, SDPA, nearest + conv), with its gradients."""
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([10, 20, 30, 40])
+
+    def run(model: UNet) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(x, t)
         out.square().sum().backward()
-        outs.append(out)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    for o, g in zip(outs[1:], grads[1:], strict=True):
-        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-4)
+        return out, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    cfg = TINY.replace(dropout=0.0, use_checkpoint=variant == "checkpoint")
+    model = randomise(UNet(cfg))
+    if variant in ("channels_last", "all_cpu_kernels"):
+        model.to(memory_format=torch.channels_last)
+        assert model.memory_format() == torch.channels_last
+    _set_kernels(model, kernel="matmul" if "attention" in variant or variant == "all_cpu_kernels" else "sdpa",
+                 subpixel=variant in ("subpixel_upsample", "all_cpu_kernels"))
+    ref_out, ref_grad = run(randomise(UNet(TINY.replace(dropout=0.0))))
+    out, grad = run(model)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_autocast_switch():
-    model = randomise(UNet(TINY.replace(dropout=0.0))).eval()
-    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
-    ref = model(x, t)
-    model.config = model.config.replace(autocast="bfloat16")
-    out = model(x, t)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_upsample_conv_is_nearest_upsample_then_conv(channels_last):
+    """The phase decomposition against F.interpolate + conv2d, values and gradients, odd sizes included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, 6, generator=g, requires_grad=True)
+    weight = torch.randn(4, 5, 3, 3, generator=g, requires_grad=True)
+    bias = torch.randn(4, generator=g, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    ref = F.conv2d(F.interpolate(xin, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    out = upsample_conv_subpixel(xin, weight, bias, _SUBPIXEL_TAPS)
+    assert out.shape == (3, 4, 14, 12)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn(ref.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (x, weight, bias), grad_out),
+                    torch.autograd.grad(ref, (x, weight, bias), grad_out), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_subpixel_taps_sum_to_the_kernel():
+    """Each output phase sees every 3x3 tap exactly once, so the 2x2 taps of a phase sum to the 3x3 sum."""
+    taps = _SUBPIXEL_TAPS.view(2, 2, 4, 9)  # [a, b, (p q), (k l)]
+    assert torch.equal(taps.sum(2), torch.ones(2, 2, 9))
+    # Phase (0, 0), tap (0, 0) is kernel tap (0, 0) alone: output (0, 0) sees input (-1, -1) only through it.
+    assert torch.equal(taps[0, 0, 0], torch.eye(9)[0])
 
 
 def test_multi_head_attention():
@@ -216,7 +256,6 @@ def test_multi_head_attention():
         ({"channel_mult": ()}, r"channel_mult"),
         ({"dropout": 1.5}, r"dropout"),
         ({"downsample_padding": 2}, r"downsample_padding"),
-        ({"autocast": "int8"}, r"autocast"),
     ],
 )
 def test_bad_config_raises(changes, message):

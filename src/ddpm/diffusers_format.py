@@ -261,7 +261,7 @@ def read_pipeline_folder(path: str | Path) -> PipelineParts:
         raise DiffusersFormatError(f"{path}: no unet/config.json")
     scheduler_cfg = _read_json(scheduler_file)
     diffusion = diffusion_from_scheduler(scheduler_cfg, source=str(scheduler_file))
-    model = load_pretrained(unet_dir, channels_last=True)
+    model = load_pretrained(unet_dir)
     cfg = model.config
     expected_out = cfg.in_channels * (2 if diffusion.variance == "learned_range" else 1)
     if cfg.output_channels != expected_out:

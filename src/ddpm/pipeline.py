@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 from ddpm.build import build_diffusion, model_from_spec, model_spec
-from ddpm.choices import WEIGHTS, Weights, check_choice
+from ddpm.choices import AMPS, WEIGHTS, Amp, Weights, check_choice
 from ddpm.diffusers_format import is_pipeline_folder, read_pipeline_folder, write_pipeline_folder
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import CheckpointError, UserError
 from ddpm.guidance import Guided
 from ddpm.likelihood import nll as exact_bound
 from ddpm.likelihood import nll_estimate
+from ddpm.nn.policy import RuntimePolicy, resolve_policy
 from ddpm.samplers import DEFAULT_SAMPLER, Spacing, get_spec, sample, sampling_chain
 from ddpm.tensors import check_finite
 from ddpm.train.checkpoint import load_model_weights, read_config, resolve_checkpoint
@@ -102,10 +103,14 @@ class Pipeline:
         source: the checkpoint or pipeline folder the weights came from.
         weights: ``"ema"`` or ``"raw"``.
         data_shape: the per-example shape, ``(C, H, W)`` or ``(D,)``.
+        amp: the autocast dtype of sampling (``"none"``: float32; ``"auto"``: the device's rule).
+        policy: how the network runs on its device (:mod:`ddpm.nn.policy`): the memory layout and
+            kernels of the device's rule (the same function up to float rounding) and ``amp``.
     """
 
     def __init__(
         self, model: nn.Module, diffusion: GaussianDiffusion, config: RunConfig, *, source: Path, weights: Weights,
+        amp: Amp = "none",
     ) -> None:
         if config.model.data_shape is None:
             raise CheckpointError(f"{source}: the configuration has no model.data_shape")
@@ -115,6 +120,8 @@ class Pipeline:
         self.source = Path(source)
         self.weights = weights
         self.data_shape: tuple[int, ...] = tuple(config.model.data_shape)
+        self.amp = amp
+        self.policy = self._set_up(self.device)
 
     def __repr__(self) -> str:
         return (f"Pipeline(source={str(self.source)!r}, weights={self.weights!r}, data_shape={self.data_shape}, "
@@ -174,9 +181,15 @@ class Pipeline:
         return Guided(self.model, guidance, self.num_classes, prediction_channels=self.data_shape[0])
 
     def to(self, device: torch.device | str) -> Pipeline:
-        """Move the network to ``device`` ("auto": CUDA, else MPS, else CPU); returns ``self``."""
-        self.model.to(resolve_device(str(device)) if str(device) == "auto" else torch.device(device))
+        """Move the network to ``device`` ("auto": CUDA, else MPS, else CPU), set up for it; returns ``self``."""
+        self.policy = self._set_up(resolve_device(str(device)) if str(device) == "auto" else torch.device(device))
         return self
+
+    def _set_up(self, device: torch.device) -> RuntimePolicy:
+        """The runtime policy on ``device``; the network moved there in its layout and kernels."""
+        policy = resolve_policy(device, amp=self.amp, model=self.model)
+        policy.prepare(self.model)
+        return policy
 
     def fingerprint(self) -> str:
         """A short SHA-256 of the weights in memory (identifies the model in eval cards)."""
@@ -227,7 +240,7 @@ class Pipeline:
         labels = self.labels(classes, num)
         if labels is None and guidance != 1.0:
             raise UserError("guidance needs class labels (classes=...)")
-        model = self.guided_model(guidance)
+        model = self.policy.wrap(self.guided_model(guidance))
         mine, per_rank = _my_share(num)
         chunks: Any = range(0, len(mine), batch_size)
         if progress and get_rank() == 0:
@@ -272,8 +285,9 @@ class Pipeline:
         """
         idx = list(range(num))
         labels = self.labels(classes, num)
+        model = self.policy.wrap(self.guided_model(guidance))
         _, trajectory = sample(
-            self.diffusion, self.guided_model(guidance), (num, *self.data_shape), sampler=sampler, steps=steps,
+            self.diffusion, model, (num, *self.data_shape), sampler=sampler, steps=steps,
             spacing=spacing, clip_denoised=self.clip_denoised, generator=_generators(seed, idx, "sample", self.device),
             device=self.device, return_trajectory=True, trajectory_frames=frames, y=labels, **options,
         )
@@ -368,11 +382,17 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------- load
-def load(path: str | Path, *, weights: Weights = "ema", device: torch.device | str = "auto") -> Pipeline:
+def load(
+    path: str | Path, *, weights: Weights = "ema", device: torch.device | str = "auto", amp: Amp = "none",
+) -> Pipeline:
     """A :class:`Pipeline` from a run folder (its newest complete checkpoint), a checkpoint folder
     or a diffusers pipeline folder, with ``weights`` (``"ema"`` or ``"raw"``; a diffusers folder
-    holds one set) on ``device`` ("auto": CUDA, else MPS, else CPU)."""
+    holds one set) on ``device`` ("auto": CUDA, else MPS, else CPU). ``amp`` is the autocast dtype
+    of sampling: ``"none"`` (float32, the default: samples as the weights define them), ``"bf16"``,
+    ``"fp16"`` (CUDA) or ``"auto"`` (the device's rule of :mod:`ddpm.nn.policy`); the bound is
+    always computed in float32."""
     check_choice("weights", weights, WEIGHTS)
+    check_choice("amp", amp, AMPS)
     path = Path(path)
     target = resolve_device(str(device)) if str(device) == "auto" else torch.device(device)
     if not path.exists():
@@ -382,7 +402,7 @@ def load(path: str | Path, *, weights: Weights = "ema", device: torch.device | s
         config = RunConfig(diffusion=parts.diffusion, model=ModelConfig(preset="diffusers",
                                                                         data_shape=parts.data_shape))
         return Pipeline(parts.model.to(target), build_diffusion(parts.diffusion), config, source=path,
-                        weights=weights)
+                        weights=weights, amp=amp)
     folder = resolve_checkpoint(path)
     config = read_config(folder)
     if config.model.data_shape is None:
@@ -391,4 +411,5 @@ def load(path: str | Path, *, weights: Weights = "ema", device: torch.device | s
     _, spec = model_spec(config.model, shape, learned_sigma=config.diffusion.variance == "learned_range")
     model = model_from_spec(spec)
     load_model_weights(folder, model, which=weights)
-    return Pipeline(model.to(target), build_diffusion(config.diffusion), config, source=folder, weights=weights)
+    return Pipeline(model.to(target), build_diffusion(config.diffusion), config, source=folder, weights=weights,
+                    amp=amp)

@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from ddpm.choices import AMPS
 from ddpm.cli.common import (
     HelpFormatter,
     add_checkpoint_flags,
@@ -30,6 +31,9 @@ def register(sub: Any) -> None:
     p.add_argument("--format", default="grid,npz", help="comma list of: grid (PNG), png (one file each), npz")
     p.add_argument("--animate", action="store_true", help="also write reverse_chain.gif (x_T -> x_0)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
+    p.add_argument("--amp", choices=AMPS, default="none",
+                   help="autocast dtype of the network (none: float32; auto: the device's rule, e.g. bf16 on CPUs "
+                        "with AVX-512 BF16 or AMX; fp16: CUDA only)")
     p.set_defaults(func=run)
 
 
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     device, _, _ = setup_distributed(args.device)
     try:
-        pipe = ddpm.load(args.checkpoint, weights=args.weights, device=device)
+        pipe = ddpm.load(args.checkpoint, weights=args.weights, device=device, amp=args.amp)
         out = args.out or default_out(pipe.source, "samples")
         if is_main_process():
             prepare_output_folder(out, produces=[*sample_files(formats, is_image=pipe.is_image), "sample_info.json"],
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             "classes": None if classes is None else pipe.labels(classes, num).tolist(), "guidance": args.guidance,
             "network_evaluations": pipe.network_evaluations(args.sampler, args.steps),
             "timesteps": pipe.grid_timesteps(args.sampler, args.steps, args.spacing), "options": options,
-            "seed": args.seed, "seconds": round(seconds, 2), "layout": SAMPLES_LAYOUT,
+            "seed": args.seed, "seconds": round(seconds, 2), "layout": SAMPLES_LAYOUT, "runtime": pipe.policy.record(),
         })
         for path in written:
             say(f"wrote {path}")

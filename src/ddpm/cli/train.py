@@ -51,7 +51,16 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--timestep-sampling": ("diffusion.timestep_sampling", str, "which t training draws"),
     "--seed": ("train.seed", int, "random seed of the run"),
     "--device": ("train.device", str, "where to train"),
-    "--amp": ("train.amp", str, "autocast precision on GPUs"),
+    # How the network runs (ddpm.nn.policy); auto: the rule for this device and CPU, recorded in metrics.jsonl.
+    "--amp": ("train.amp", str, "autocast dtype of the forward pass; weights stay float32 (fp16: CUDA only). For this "
+              "and the next four, auto is the rule for this device and CPU (README 'Speed')"),
+    "--memory-format": ("train.memory_format", str, "layout of weights and activations: channels_last (NHWC) "
+                        "or contiguous (NCHW)"),
+    "--attention": ("train.attention", str, "U-Net attention kernel: PyTorch's sdpa (or only its flash / "
+                    "efficient kernel) or two bf16-friendly matmuls"),
+    "--upsample": ("train.upsample", str, "U-Net upsampling conv: subpixel (same function, 2.25x fewer "
+                   "multiply-adds) or nearest then 3x3 conv"),
+    "--fused-optimizer": ("train.fused_optimizer", str, "one fused AdamW kernel (auto: where PyTorch has one)"),
     "--out": ("train.out_dir", str, "run folder: checkpoints, metrics.jsonl, sample grids"),
     "--checkpoint-every": ("train.checkpoint_every", positive_int, "steps between checkpoints"),
     "--keep-last": ("train.keep_last", nonnegative_int, "checkpoints kept (0 = all)"),
@@ -98,8 +107,10 @@ def register(sub: Any) -> None:
                         "[data.cache_images]")
     p.add_argument("--hf-streaming", dest="data.hf_streaming", action="store_const", const=True, default=None,
                    help="read an hf: data set as a stream, for sets larger than the disk [data.hf_streaming]")
-    p.add_argument("--compile", dest="train.compile", action="store_const", const=True, default=None,
-                   help="torch.compile the model [train.compile]")
+    compile_default, _ = field_default_and_choices("train.compile")
+    p.add_argument("--compile", dest="train.compile", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"torch.compile the model; never automatic, it has not yet repaid its compile time "
+                        f"(default: {'on' if compile_default else 'off'}) [train.compile]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config field, e.g. --set ema.power=0.8 (repeatable)")
     start = p.add_mutually_exclusive_group()

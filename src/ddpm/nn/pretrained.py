@@ -319,11 +319,12 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
     raise PretrainedError(f"{folder}: no weights file; looked for {list(WEIGHT_FILES)}, found {present}")
 
 
-def load_pretrained(path: str | Path, *, channels_last: bool = True) -> UNet:
+def load_pretrained(path: str | Path) -> UNet:
     """Build a :class:`UNet` from a diffusers-format folder; its config is ``model.config``.
 
     ``path`` is the model folder (``config.json`` + weights) or a pipeline folder with a
-    ``unet/`` sub-folder. The model is returned in eval mode, on the CPU, in float32.
+    ``unet/`` sub-folder. The model is returned in eval mode, on the CPU, in float32 and NCHW
+    (``ddpm.nn.policy.resolve_policy(device).prepare(model)`` sets it up for a device).
     """
     folder = Path(path)
     if not (folder / "config.json").is_file() and (folder / "unet" / "config.json").is_file():
@@ -332,7 +333,7 @@ def load_pretrained(path: str | Path, *, channels_last: bool = True) -> UNet:
     if not cfg_file.is_file():
         raise PretrainedError(f"{folder}: no config.json")
     with open(cfg_file) as f:
-        config = config_from_diffusers(json.load(f)).replace(channels_last=channels_last)
+        config = config_from_diffusers(json.load(f))
     model = UNet(config)
     state = convert_diffusers_state_dict(_read_weights(folder), model)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)

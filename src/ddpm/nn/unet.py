@@ -66,10 +66,7 @@ class UNetConfig:
     embed_flip_sin_to_cos: bool = False  # cos first instead of sin first
     downsample_padding: Literal[0, 1] = 0  # 0: pad right/bottom only (TF "SAME", paper); 1: symmetric
     use_checkpoint: bool = False  # gradient checkpointing of every block (saves memory, costs time)
-    # NHWC weights and activations: faster on CPU (oneDNN convs without layout reorders). On CUDA
-    # set False: an H200 with TF32 trained the CIFAR-10 model 15% faster in NCHW.
-    channels_last: bool = True
-    autocast: Literal["bfloat16", "float16"] | None = None  # mixed precision inside forward (GPU, AMX CPU)
+    # How the network runs (memory layout, autocast) is not architecture: see ddpm.nn.policy.
     num_classes: int | None = None  # class-conditional: labels 0..num_classes-1, plus the null class
     null_class: bool = True  # whether label num_classes exists as the "no label" class (guidance needs it)
 
@@ -132,8 +129,6 @@ class UNetConfig:
             fail(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
         if not 0.0 <= self.dropout < 1.0:
             fail(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.autocast not in (None, "bfloat16", "float16"):
-            fail(f"autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
         if self.downsample_padding not in (0, 1):
             fail(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
         if self.image_size % self.size_divisor:
@@ -283,7 +278,14 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the H*W positions, with GroupNorm in front and a residual connection."""
+    """Self-attention over the H*W positions, with GroupNorm in front and a residual connection.
+
+    ``kernel`` (set by :mod:`ddpm.nn.policy`) picks how softmax(q k^T / sqrt(d)) v is computed:
+    ``"sdpa"``, PyTorch's fused kernels, or ``"matmul"``, two batched matmuls around a softmax, which
+    on CPUs runs bf16 at the matmul units' rate where the fused CPU kernel computes in float32.
+    """
+
+    kernel: Literal["sdpa", "matmul"] = "sdpa"
 
     def __init__(self, channels: int, config: UNetConfig) -> None:
         super().__init__()
@@ -296,8 +298,12 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         # [B, C, H, W] -> [B, HW, C]: a free view when x is channels_last.
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        qkv = self.qkv(tokens).view(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, HW, C/heads]
+        q, k, v = self.qkv(tokens).view(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if self.kernel == "matmul":
+            weights = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).softmax(dim=-1)  # [B, heads, HW, HW]
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
         out = self.proj(out.transpose(1, 2).reshape(b, h * w, c))
         # [B, HW, C] -> [B, C, H, W] in channels_last layout, again without a copy.
         return x + out.view(b, h, w, c).permute(0, 3, 1, 2)
@@ -315,12 +321,61 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+# Nearest x2 upsampling followed by a 3x3 conv, phase by phase: output row 2i + a sees input rows
+# (i - 1, i, i) through the kernel rows (0, 1, 2) when a = 0 and (i, i, i + 1) when a = 1, so it is a
+# 2-tap conv with taps (w0, w1 + w2) at rows (i - 1, i), or (w0 + w1, w2) at rows (i, i + 1); the same
+# for columns. _PHASE_TAPS[a] maps the 3 kernel rows onto the 2 taps of phase a.
+_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+# [(a, b, p, q), (k, l)]: 2x2 tap (p, q) of output phase (a, b) as a sum of 3x3 taps (k, l).
+_SUBPIXEL_TAPS = torch.einsum("apk,bql->abpqkl", _PHASE_TAPS, _PHASE_TAPS).reshape(16, 9)
+SUBPIXEL_MIN_PIXELS = 256  # B*H*W below which the weight transform costs more than it saves (CPU)
+
+
+def upsample_conv_subpixel(x: Tensor, weight: Tensor, bias: Tensor | None, taps: Tensor) -> Tensor:
+    """``conv3x3(nearest_upsample_x2(x))`` with 4 instead of 9 multiply-adds per output value.
+
+    ``x`` [B, C_in, H, W], ``weight`` [C_out, C_in, 3, 3], ``taps`` :data:`_SUBPIXEL_TAPS` on the
+    device -> [B, C_out, 2H, 2W], in the memory format of ``x``. One 2x2 conv with 4 * C_out outputs
+    (one block per phase) runs on the (H+1) x (W+1) grid that zero padding of 1 gives; phase (a, b)
+    of output pixel (2i + a, 2j + b) is that conv's value at (i + a, j + b).
+    """
+    b, _, h, w = x.shape
+    c_out, c_in = weight.shape[:2]
+    w4 = (weight.reshape(c_out * c_in, 9) @ taps.to(weight.dtype).T).view(c_out, c_in, 2, 2, 2, 2)
+    w4 = w4.permute(2, 3, 0, 1, 4, 5).reshape(4 * c_out, c_in, 2, 2)  # [(a, b, o), i, p, q]
+    y = F.conv2d(x, w4, None if bias is None else bias.repeat(4), padding=1)  # [B, 4 C_out, H+1, W+1]
+    out = torch.empty((b, c_out, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=memory_format_of(x))
+    for i, (pa, pb) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        out[:, :, pa::2, pb::2] = y[:, i * c_out : (i + 1) * c_out, pa : pa + h, pb : pb + w]
+    return out
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` if ``x`` [B, C, H, W] is stored NHWC (and C > 1), else the default."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class Upsample(nn.Module):
+    """Nearest x2 upsampling, then a 3x3 conv.
+
+    ``subpixel`` (set by :mod:`ddpm.nn.policy`) computes the same function phase by phase
+    (:func:`upsample_conv_subpixel`): 2.25x fewer multiply-adds, the same weights and outputs up
+    to float rounding.
+    """
+
+    subpixel: bool = False
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.register_buffer("taps", _SUBPIXEL_TAPS.clone(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        if self.subpixel and b * h * w >= SUBPIXEL_MIN_PIXELS:
+            return upsample_conv_subpixel(x, self.conv.weight, self.conv.bias, self.taps)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -391,9 +446,6 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(config.num_groups, ch, eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch, config.output_channels, 3, padding=1)
         self.reset_parameters()
-        if config.channels_last:
-            self.to(memory_format=torch.channels_last)
-
 
     def reset_parameters(self) -> None:
         """Paper initialisation: Xavier-uniform, zero biases, zero last layers of every branch."""
@@ -427,21 +479,6 @@ class UNet(nn.Module):
             )
         return as_timesteps(t, x.shape[0], x.device)
 
-    def _run(self, block: nn.Module, *args: Tensor) -> Tensor:
-        if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """``y``: class labels ``[B]`` of a class-conditional network (None: the null class)."""
-        t = self._check_input(x, t)
-        y = self._check_labels(y, x)
-        if self.config.autocast is None:
-            return self._forward(x, t, y)
-        with torch.autocast(device_type=x.device.type, dtype=getattr(torch, self.config.autocast)):
-            out = self._forward(x, t, y)
-        return out.to(x.dtype)
-
     def _check_labels(self, y: Tensor | None, x: Tensor) -> Tensor | None:
         cfg = self.config
         if cfg.num_classes is None:
@@ -459,13 +496,24 @@ class UNet(nn.Module):
                              f"got values in [{int(y.min())}, {int(y.max())}]")
         return y.to(x.device)
 
-    def _forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def _run(self, block: nn.Module, *args: Tensor) -> Tensor:
+        if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def memory_format(self) -> torch.memory_format:
+        """The layout of the 4-D weights (set with ``model.to(memory_format=...)``); activations follow it."""
+        return memory_format_of(self.conv_out.weight)  # [C_out, base_channels, 3, 3]
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """``y``: class labels ``[B]`` of a class-conditional network (None: the null class)."""
+        t = self._check_input(x, t)
+        y = self._check_labels(y, x)
         emb = self.time_embed(t.to(x.device))
         if self.class_embed is not None:
             emb = emb + self.class_embed(y).to(emb.dtype)  # diffusers: emb = time_embedding + class_embedding
         emb_act = F.silu(emb.to(x.dtype))
-        if self.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=self.memory_format())
 
         h = self.conv_in(x)
         skips = [h]

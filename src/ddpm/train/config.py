@@ -29,14 +29,18 @@ else:  # pragma: no cover - Python 3.10
 
 from ddpm.choices import (  # noqa: E402 - the Literal types must be module globals for get_type_hints
     Amp,
+    Attention,
     Device,
     EMAWarmup,
     Loader,
     LossType,
     LossWeighting,
+    MemoryFormat,
     Prediction,
     ScheduleName,
     TimestepSampling,
+    Toggle,
+    Upsample,
     Variance,
 )
 from ddpm.errors import ConfigError  # noqa: E402,F401 - re-exported: ddpm.train.config.ConfigError
@@ -135,8 +139,13 @@ class TrainConfig:
     batch_size: int = 128  # GLOBAL batch: summed over processes and micro-batches
     seed: int = 0
     device: Device = "auto"
-    amp: Amp = "none"  # autocast around the model call; "fp16" needs CUDA (it uses a GradScaler)
-    compile: bool = False  # torch.compile the model
+    # How the network runs (ddpm.nn.policy): "auto" is the device's rule, recorded in metrics.jsonl.
+    amp: Amp = "auto"  # autocast dtype of the forward: none, bf16, fp16 (CUDA only: it uses a GradScaler)
+    memory_format: MemoryFormat = "auto"  # channels_last (NHWC) or contiguous (NCHW)
+    attention: Attention = "auto"  # U-Net attention: sdpa, flash, efficient (PyTorch kernels) or matmul
+    upsample: Upsample = "auto"  # U-Net upsampling conv: subpixel (4 phase convs, fewer FLOPs) or nearest
+    fused_optimizer: Toggle = "auto"  # fused AdamW: on, off; auto: where PyTorch has the kernel
+    compile: bool = False  # torch.compile the model (never automatic: it has not paid back its compile time)
     checkpoint_every: int = 5000
     keep_last: int = 3  # checkpoints kept in out_dir; 0 keeps all
     log_every: int = 100
@@ -166,6 +175,8 @@ RUN_BOOKKEEPING: frozenset[str] = frozenset({
     "train.steps", "train.device", "train.compile", "train.checkpoint_every", "train.keep_last",
     "train.log_every", "train.sample_every", "train.eval_every", "train.eval_batches", "train.max_nonfinite",
     "train.out_dir", "train.tensorboard", "data.cache_dir",
+    # the runtime policy's layout and kernels compute the same function (train.amp does not: it stays listed)
+    "train.memory_format", "train.attention", "train.upsample", "train.fused_optimizer",
 })
 
 

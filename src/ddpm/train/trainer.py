@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ddpm.errors import OutputError, UserError
+from ddpm.nn.policy import RuntimePolicy, resolve_policy
 from ddpm.train import distributed as dist_utils
 from ddpm.train.checkpoint import (
     checkpoint_folders,
@@ -95,6 +96,15 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def runtime_policy(config: RunConfig, device: torch.device, model: nn.Module) -> RuntimePolicy:
+    """The run's :class:`~ddpm.nn.policy.RuntimePolicy` for ``model`` on ``device``, from the ``train`` choices."""
+    tc = config.train
+    return resolve_policy(
+        device, memory_format=tc.memory_format, amp=tc.amp, attention=tc.attention, upsample=tc.upsample,
+        fused_optimizer=tc.fused_optimizer, compile=tc.compile, model=model, field_prefix="train.",
+    )
+
+
 def norms_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether the L2 norm of every tensor is finite: one fused reduction and one host sync.
 
@@ -106,19 +116,6 @@ def norms_finite(tensors: list[torch.Tensor]) -> bool:
     if not tensors:
         return True
     return bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors, 2)])).all())
-
-
-class _Autocast(nn.Module):
-    """Runs the wrapped model under autocast and returns float32, so the diffusion maths stay fp32."""
-
-    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model, self.device_type, self.dtype = model, device_type, dtype
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.model(x, t, *args, **kwargs)
-        return out.float()
 
 
 @dataclass
@@ -210,8 +207,7 @@ class Trainer:
         self.device, self.rank, self.world_size = dist_utils.setup_distributed(tc.device)
         self._owns_process_group &= torch.distributed.is_initialized()
         self.local_batch, self.micro_batch = per_rank_batch(config, self.world_size)
-        if tc.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError(f"train.amp='fp16' needs CUDA (the device is {self.device.type}); use 'bf16' or 'none'")
+        self.policy = runtime_policy(config, self.device, model)
 
         self.config, self.diffusion, self.dataset = config, diffusion, dataset
         self.timestep_sampler = make_timestep_sampler(config.diffusion.timestep_sampling, diffusion.num_timesteps)
@@ -219,16 +215,17 @@ class Trainer:
         self.out_dir = Path(tc.out_dir)
         self.is_main = self.rank == 0
 
-        self.model = model.to(self.device)  # the raw model: checkpoints and EMA read it
+        self.model = self.policy.prepare(model)  # the raw model, on the device: checkpoints and EMA read it
         self.ema = ExponentialMovingAverage(
             self.model, decay=config.ema.decay, warmup=config.ema.warmup,
             inv_gamma=config.ema.inv_gamma, power=config.ema.power,
         )
         op = config.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=op.lr, betas=op.betas, eps=op.eps, weight_decay=op.weight_decay
+            self.model.parameters(), lr=op.lr, betas=op.betas, eps=op.eps, weight_decay=op.weight_decay,
+            **self.policy.optimizer_kwargs(),
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.policy.amp == "fp16")
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         self.forward_model = self._wrap_model()
 
@@ -250,18 +247,19 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- setup
     def _wrap_model(self) -> nn.Module:
-        """DDP (several processes), then torch.compile, then autocast; the raw model stays ``self.model``."""
-        tc = self.config.train
+        """DDP (several processes), then torch.compile, then the policy's autocast; ``self.model`` stays raw."""
         net: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
             net = self.ddp
-        if tc.compile:
+        if self.policy.compile:
             net = torch.compile(net)
-        if tc.amp != "none":
-            net = _Autocast(net, self.device.type, torch.bfloat16 if tc.amp == "bf16" else torch.float16)
-        return net
+        return self.policy.wrap(net)
+
+    def log_runtime(self) -> None:
+        """One metrics line naming how this run computes: the resolved policy and the machine."""
+        self.write_metrics({"step": self.step, "runtime": self.policy.record()})
 
     # ------------------------------------------------------------------------------------ run
     def run(self, *, resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
@@ -281,6 +279,7 @@ class Trainer:
             if checkpoint is not None:
                 self.resume(checkpoint)
             self._start_logging()
+            self.log_runtime()
             while self.step < tc.steps:
                 stats = self.train_step()
                 self.maybe_log(stats)
@@ -622,7 +621,7 @@ class Trainer:
         step, accum, mb = self.step, self.config.optim.grad_accum, self.micro_batch
         batch = self.get_batch(step)
         x0, y, t, weights, noise = batch.x0, batch.y, batch.t, batch.weights, batch.noise
-        model, buffers = self._with_amp(self.model), {k: v.clone() for k, v in self.model.named_buffers()}
+        model, buffers = self.policy.wrap(self.model), {k: v.clone() for k, v in self.model.named_buffers()}
         was_training = self.model.training
         self.model.train()
         total = torch.zeros((), device=self.device)
@@ -650,7 +649,7 @@ class Trainer:
         comparable from one evaluation to the next.
         """
         tc, ds = self.config.train, self.eval_dataset
-        model = self._with_amp(self.ema.module)
+        model = self.policy.wrap(self.ema.module)
         gen = seeded_generator(self.device, tc.seed, "eval")
         total_loss = total_mse = 0.0
         n = min(len(ds), tc.eval_batches * self.local_batch)
@@ -664,13 +663,6 @@ class Trainer:
             total_loss += losses.loss.sum().item()
             total_mse += losses.mse.sum().item()
         return {"eval_loss": total_loss / max(n, 1), "eval_mse": total_mse / max(n, 1)}
-
-    def _with_amp(self, model: nn.Module) -> nn.Module:
-        """``model`` under the run's autocast (``train.amp``), returning float32."""
-        amp = self.config.train.amp
-        if amp == "none":
-            return model
-        return _Autocast(model, self.device.type, torch.bfloat16 if amp == "bf16" else torch.float16)
 
     def maybe_sample(self) -> None:
         if self.sample_fn is not None and self._due(self.config.train.sample_every) and self.is_main:
