@@ -151,7 +151,7 @@ def child_startup(spec: str, prepared_dir: str, image_size: int, batch: int, wor
     model, _ = build_model(cfg, tuple(ds.shape))
     trainer = Trainer(cfg, model, build_diffusion(cfg.diffusion), ds)
     marks["model+trainer"] = process_age()
-    x0 = trainer.get_batch(0)[0]
+    x0 = trainer.get_batch(0).x0
     marks["first batch"] = process_age()
     trainer.close()
     out = dict(marks)
