@@ -25,6 +25,7 @@ def test_demo_writes_every_promised_file(class_cond: bool, tmp_path: Path, monke
     printed = capsys.readouterr().out
     expected = "unipc" if class_cond else "dpm++2m-sde"
     assert f"sampling with {expected} at 10 network evaluations" in printed
+    assert "images/s on " in printed  # the training speed, with the machine it was measured on
     for name in ["samples.npz", "samples.png", "reverse_chain.gif", "reverse_chain.png", "forward_chain.png",
                  "loss.png", "eval_card.json", "eval_card.md"] + (["guidance.png"] if class_cond else []):
         assert (out / name).is_file(), name
@@ -33,6 +34,7 @@ def test_demo_writes_every_promised_file(class_cond: bool, tmp_path: Path, monke
     card = json.loads((out / "eval_card.json").read_text())
     assert card["sampler"] == expected and card["network_evaluations"] == 10
     assert np.isfinite(card["metrics"]["frechet_distance"]) and card["bits_per_dim"]["images"] == 2
+    assert card["training_speed"]["images_per_sec"] > 0 and card["training_speed"]["machine"]
     if class_cond:
         assert [r["guidance"] for r in card["guidance_sweep"]] == [0.0, 1.0, 2.0, 4.0]
         assert 0.0 <= card["metrics"]["label_accuracy"] <= 1.0

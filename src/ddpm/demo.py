@@ -59,13 +59,27 @@ class DemoResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def loss_curve(run_dir: Path, out: Path) -> Path | None:
-    """A plot of ``metrics.jsonl``'s training loss, or None when there is nothing to plot."""
+def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The lines of ``run_dir/metrics.jsonl`` (none when it is missing)."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("loss") is not None]
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def training_speed(run_dir: Path) -> dict[str, Any]:
+    """Median training images/s of the run and the machine and runtime choices it ran with (from metrics.jsonl)."""
+    rows = metrics_rows(run_dir)
+    speeds = sorted(r["images_per_sec"] for r in rows if r.get("images_per_sec"))
+    runtime = next((r["runtime"] for r in reversed(rows) if "runtime" in r), {})
+    return {"images_per_sec": round(speeds[len(speeds) // 2], 1) if speeds else None,
+            "machine": runtime.get("machine"), "threads": runtime.get("threads"), "amp": runtime.get("amp"),
+            "memory_format": runtime.get("memory_format")}
+
+
+def loss_curve(run_dir: Path, out: Path) -> Path | None:
+    """A plot of ``metrics.jsonl``'s training loss, or None when there is nothing to plot."""
+    rows = [r for r in metrics_rows(run_dir) if r.get("loss") is not None]
     if not rows:
         return None
     return viz.save_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], out, title="training loss")
@@ -136,6 +150,7 @@ def run_demo(
                     nll_images=nll_images, nll_terms=40, samples=x, guidance=w,
                     guidance_scales=guidance_scales if labels is not None else ())
     card["train_seconds"] = round(train_seconds, 1)
+    card["training_speed"] = training_speed(out / "run")
     card["sample_seconds"] = round(sample_seconds, 1)
     card["total_seconds"] = round(time.perf_counter() - t_start, 1)
     if card.get("guidance_sweep") and "label_accuracy" in card["guidance_sweep"][0]:

@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     if "bits_per_dim" in card:
         b = card["bits_per_dim"]
         say(f"bits/dim on {b['images']} held-out images: {b['total_bpd']:.3f} +/- {b['stderr_bpd']:.3f}")
+    speed = card["training_speed"]
+    if speed["images_per_sec"] is not None:
+        say(f"training: {speed['images_per_sec']:.0f} images/s on {speed['machine']} ({speed['threads']} threads, "
+            f"autocast {speed['amp']}, {speed['memory_format']} layout)")
     say(f"minutes: training {card['train_seconds'] / 60:.1f}, total {card['total_seconds'] / 60:.1f}")
     for what, path in result.files.items():
         say(f"  {what:45s} {path}")
