@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.choices import DEVICES, WEIGHTS
-from ddpm.samplers import SAMPLERS, SPACINGS
+from ddpm.samplers import SAMPLERS, SPACINGS, check_options
 
 
 def _int_at_least(low: int, what: str) -> Any:
@@ -142,9 +142,11 @@ def add_class_flags(p: argparse.ArgumentParser, *, all_help: str) -> None:
 
 
 def sampler_options(args: argparse.Namespace) -> dict[str, float]:
-    """The sampler options given on the command line (only those set; the driver checks they apply)."""
+    """The sampler options given on the command line (only those set), checked against ``--sampler``."""
     given = {"eta": args.eta, "churn": args.churn, "order": args.order}
-    return {name: float(value) for name, value in given.items() if value is not None}
+    options = {name: float(value) for name, value in given.items() if value is not None}
+    check_options(args.sampler, options)
+    return options
 
 
 def say(message: str) -> None:

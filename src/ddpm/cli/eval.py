@@ -52,13 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from ddpm.train.distributed import resolve_device
 
     pipe = ddpm.load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
+    options = sampler_options(args)  # checked before anything is written
     out = prepare_output_folder(args.out or default_out(pipe.source, "eval"),
                                 produces=["eval_card.json", "eval_card.md"], force=args.force)
     card = evaluate(pipe, num=args.num, sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
                     batch_size=args.batch_size, data=args.data, features=args.features,
                     inception_weights=args.inception_weights,
                     nll_images=args.nll_images, nll_terms=args.nll_terms, guidance=args.guidance,
-                    guidance_scales=args.guidance_scales if pipe.can_guide else (), **sampler_options(args))
+                    guidance_scales=args.guidance_scales if pipe.can_guide else (), **options)
     write_json(out / "eval_card.json", card)
     if card.get("guidance_sweep") and "label_accuracy" in card["guidance_sweep"][0]:
         from ddpm import viz

@@ -58,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         pipe = ddpm.load(args.checkpoint, weights=args.weights, device=device, amp=args.amp)
         out = args.out or default_out(pipe.source, "samples")
+        options = sampler_options(args)  # checked before anything is written
         if is_main_process():
             prepare_output_folder(out, produces=[*sample_files(formats, is_image=pipe.is_image), "sample_info.json"],
                                   force=args.force)
-        options = sampler_options(args)
         num, classes, nrow = args.num, args.class_label, None
         if classes == "all":
             if pipe.num_classes is None:

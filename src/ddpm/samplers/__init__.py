@@ -37,7 +37,7 @@ from ddpm.samplers.dpm_solver import dpmpp_2m_step, dpmpp_3m_step
 from ddpm.samplers.grids import SPACINGS, Spacing, make_grid
 from ddpm.samplers.heun import heun_points, heun_step
 from ddpm.samplers.state import Denoised, SamplerState
-from ddpm.samplers.unipc import unipc_step
+from ddpm.samplers.unipc import check_unipc_options, unipc_step
 from ddpm.tensors import Generator, Model, bind_condition, first_parameter_device, randn
 
 StepFn = Callable[[SamplerState, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -55,6 +55,7 @@ class SamplerSpec:
         points_for_nfe: how many grid points K network evaluations buy (identity for one
             evaluation per point).
         description: one line for listings and ``--help``.
+        check_options: raises :class:`~ddpm.errors.UserError` for option values the step cannot take.
     """
 
     step: StepFn
@@ -63,6 +64,7 @@ class SamplerSpec:
     options: dict[str, float] = field(default_factory=dict)
     points_for_nfe: Callable[[int], int] = lambda nfe: nfe
     description: str = ""
+    check_options: Callable[[dict[str, float]], None] | None = None
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -99,6 +101,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         # trailing, 10: the best sampler at 5 NFE on both models, flat from 8 NFE on
         unipc_step, "trailing", 10, {"order": 2.0},
         description="UniPC-bh2 predictor-corrector (Zhao et al. 2023), order 3 with the default UniP-2",
+        check_options=check_unipc_options,
     ),
     "heun": SamplerSpec(
         # log-snr: better than EDM's karras spacing at 15-20 NFE on the demo model (3.7 vs 4.3 at 20)
@@ -171,6 +174,20 @@ def get_spec(sampler: str) -> SamplerSpec:
     return SAMPLERS[sampler]
 
 
+def check_options(sampler: str, options: dict[str, float]) -> None:
+    """Raise :class:`~ddpm.errors.UserError` unless ``options`` are options of ``sampler`` with valid values."""
+    spec = get_spec(sampler)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        valid = ", ".join(spec.options) or "none"
+        raise UserError(f"sampler {sampler!r} has no option(s) {unknown}; its options: {valid}")
+    for name, value in options.items():
+        if value < 0:
+            raise UserError(f"{name} must be >= 0, got {value}")
+    if spec.check_options is not None:
+        spec.check_options({**spec.options, **options})
+
+
 @torch.no_grad()
 def sample(
     diffusion: GaussianDiffusion,
@@ -210,13 +227,7 @@ def sample(
         **options: the sampler's options (e.g. ``eta`` of DDIM), see ``SAMPLERS[name].options``.
     """
     spec = get_spec(sampler)
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        valid = ", ".join(spec.options) or "none"
-        raise UserError(f"sampler {sampler!r} has no option(s) {unknown}; its options: {valid}")
-    for name, value in options.items():
-        if value < 0:
-            raise UserError(f"{name} must be >= 0, got {value}")
+    check_options(sampler, options)
     chain, budget = _plan(diffusion, sampler, steps, spacing)
     device = torch.device(device) if device is not None else first_parameter_device(model)
     x = randn(shape, generator, device=device, dtype=torch.float32) if noise is None else noise.to(device)
@@ -256,6 +267,7 @@ __all__ = [
     "SamplerState",
     "Spacing",
     "ancestral_step",
+    "check_options",
     "ddim_step",
     "get_spec",
     "make_grid",

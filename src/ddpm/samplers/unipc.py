@@ -79,12 +79,15 @@ def _predictor_order(order: int, index: int, num_points: int) -> int:
     return max(1, min(order, num_points - index, index + 1))
 
 
+def check_unipc_options(options: dict[str, float]) -> None:
+    """UniP's order is 1, 2 or 3 (the corrector adds one)."""
+    if options.get("order", 2) not in (1, 2, 3):
+        raise UserError(f"unipc order must be 1, 2 or 3, got {options['order']:g}")
+
+
 def unipc_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """UniC on the previous step, then UniP towards index - 1 (option ``order``: UniP's order, 1-3)."""
-    raw_order = state.options.get("order", 2)
-    if raw_order not in (1, 2, 3):
-        raise UserError(f"unipc order must be 1, 2 or 3, got {raw_order}")
-    order = int(raw_order)
+    order = int(state.options.get("order", 2))
     d = state.denoise(x, index)
     if index == 0:  # to clean data: x_0 = m0 whatever the correction
         return d.x0, d.x0
