@@ -35,7 +35,7 @@ from ddpm.guidance import Guided
 from ddpm.likelihood import nll as exact_bound
 from ddpm.likelihood import nll_estimate
 from ddpm.nn.policy import RuntimePolicy, resolve_policy
-from ddpm.samplers import DEFAULT_SAMPLER, Spacing, get_spec, sample, sampling_chain
+from ddpm.samplers import DEFAULT_SAMPLER, Spacing, nfe_budget, sample, sampling_chain
 from ddpm.tensors import check_finite
 from ddpm.train.checkpoint import load_model_weights, read_config, resolve_checkpoint
 from ddpm.train.config import ModelConfig, RunConfig
@@ -202,10 +202,7 @@ class Pipeline:
     # ---------------------------------------------------------------------------- sampling
     def network_evaluations(self, sampler: str, steps: int | None) -> int:
         """How many network evaluations ``sample(..., sampler, steps)`` costs per sample."""
-        spec = get_spec(sampler)
-        if steps is not None:
-            return int(steps)
-        return self.diffusion.num_timesteps if spec.default_steps is None else spec.default_steps
+        return nfe_budget(sampler, steps, self.diffusion.num_timesteps)
 
     @torch.inference_mode()
     def sample(
