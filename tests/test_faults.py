@@ -154,12 +154,12 @@ def test_kill_9_at_random_points_and_inside_checkpoint_writes_then_resume_is_bit
     out, rng, kills = tmp_path / "killed", random.Random(11), 0
     for round_ in range(3):
         if round_ == 0:  # a kill from outside at a random moment during training
-            proc = spawn(train_args(data, out, every, *steps, "--resume"))
+            proc = spawn(train_args(data, out, every, *steps, "--resume", "auto"))
             wait_for(lambda p=proc: (out / "metrics.jsonl").exists() or p.poll() is not None)
             time.sleep(rng.uniform(0.0, 0.1))
             proc.send_signal(signal.SIGKILL)
         else:  # kill -9 inside a checkpoint write (5 files each), at a random file
-            proc = spawn(train_args(data, out, every, *steps, "--resume"), KILL_AT_WRITE=str(rng.randint(2, 9)))
+            proc = spawn(train_args(data, out, every, *steps, "--resume", "auto"), KILL_AT_WRITE=str(rng.randint(2, 9)))
         kills += proc.wait(timeout=60) == -signal.SIGKILL
         proc.stderr.close()
         assert not list(out.glob("ckpt-*")) or find_checkpoint(out)  # whatever is left is usable

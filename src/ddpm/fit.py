@@ -15,6 +15,7 @@ shape, flips) and saved beside every checkpoint, so a checkpoint always says how
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ class TrainResult:
     nonfinite_total: int  # steps skipped for a non-finite loss or gradient
     config: RunConfig  # the resolved configuration the run used
     set_aside: Path | None = None  # where newer checkpoints were moved when resuming from an older one
+    stopped: str | None = None  # why training stopped before train.steps (a signal, "time limit"); None: it did not
 
 
 def resolve_config(cfg: RunConfig, dataset: Any) -> RunConfig:
@@ -96,12 +98,14 @@ def fit(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = F
         progress: bool = True) -> TrainResult:
     """Build data, diffusion and network from ``cfg`` and train to ``cfg.train.steps``.
 
-    ``resume``: ``"auto"`` (the newest good checkpoint in ``cfg.train.out_dir``, if any) or a
+    ``resume``: ``"auto"`` (the newest good checkpoint in ``cfg.train.out_dir`` if there is one, else
+    a new run: what a requeued job repeats), ``"latest"`` (that checkpoint, which must exist) or a
     checkpoint / run folder; without it, a folder that holds another run's checkpoints is refused
     unless ``overwrite`` (delete that run and start over). The run folder is checked before any data
     is loaded (:func:`ddpm.train.run_folder.check_run_folder`). Under torchrun every process calls
     this; only rank 0 writes.
     """
+    started = time.monotonic()  # what train.time_limit counts from
     if is_main_process():
         check_run_folder(cfg.train.out_dir, resume=resume, overwrite=overwrite)
     dataset = build_dataset(cfg.data, "train")
@@ -121,7 +125,8 @@ def fit(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = F
     out_dir = Path(cfg.train.out_dir)
     reference = dataset.get_batch(torch.arange(min(len(dataset), 2000))) if dataset.kind == "vector" else None
     sample_fn = grid_callback(out_dir, diffusion, shape, reference)
-    trainer = Trainer(cfg, model, diffusion, dataset, eval_dataset=eval_dataset, sample_fn=sample_fn)
+    trainer = Trainer(cfg, model, diffusion, dataset, eval_dataset=eval_dataset, sample_fn=sample_fn, started=started)
     summary = trainer.run(resume=resume, overwrite=overwrite)
     return TrainResult(step=summary["step"], checkpoint=summary["checkpoint"],
-                       nonfinite_total=summary["nonfinite_total"], config=cfg, set_aside=summary.get("set_aside"))
+                       nonfinite_total=summary["nonfinite_total"], config=cfg, set_aside=summary.get("set_aside"),
+                       stopped=summary.get("stopped"))

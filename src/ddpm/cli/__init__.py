@@ -2,9 +2,12 @@
 
 Each command module registers its flags and calls the library (:func:`ddpm.fit`, :func:`ddpm.load`,
 :mod:`ddpm.evaluate`, :mod:`ddpm.demo`); shared flag groups live in :mod:`ddpm.cli.common`.
-User errors (:class:`ddpm.errors.UserError`) end with ``ddpm <command>: error: ...`` and exit
-status 2; a run stopped by non-finite losses ends with status 1; anything else is a bug and keeps
-its traceback.
+Exit statuses: 0 done; 1 a run stopped by non-finite losses; 2 a user error
+(:class:`ddpm.errors.UserError`, printed as ``ddpm <command>: error: ...``); 75 a training run
+stopped early by SIGTERM, SIGUSR1, SIGINT or ``--time-limit`` after writing a checkpoint of the
+step it reached (rerun with ``--resume auto``); 130 interrupted outside training; 128 + N a stop
+whose grace period ran out (the last checkpoint before it stays). Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations

@@ -12,9 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ddpm.cli.common import HelpFormatter, nonnegative_int, positive_int, say
+from ddpm.cli.common import HelpFormatter, nonnegative_int, positive_float, positive_int, say
 from ddpm.errors import ConfigError
 from ddpm.train.config import RunConfig
+from ddpm.train.stopping import EXIT_STOPPED, parse_duration
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 # flag: (config key, argument type, help); choices come from the field's Literal type. Ranges and
 # finiteness are checked once, by the configuration's validation, whatever sets the value.
@@ -66,6 +74,12 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--keep-last": ("train.keep_last", nonnegative_int, "checkpoints kept (0 = all)"),
     "--log-every": ("train.log_every", positive_int, "steps between metric lines"),
     "--sample-every": ("train.sample_every", nonnegative_int, "steps between sample grids (0 = never)"),
+    "--time-limit": ("train.time_limit", duration, "stop with a checkpoint before this much time has passed "
+                     "since the command started (seconds, 90m, 1h30m, 2d or [D-]HH:MM:SS; leave a minute for "
+                     f"start-up); exit status {EXIT_STOPPED}"),
+    "--grace-period": ("train.grace_period", positive_float, "seconds from SIGTERM, SIGUSR1 or SIGINT to exit: the "
+                       "step in progress and its checkpoint are written within it, else the run exits without them "
+                       "(keep it below the scheduler's: Slurm's KillWait and torchrun give 30)"),
 }
 
 
@@ -114,9 +128,11 @@ def register(sub: Any) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config field, e.g. --set ema.power=0.8 (repeatable)")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                       help="continue the newest good checkpoint in --out (when given without a value) or the "
-                            "given one (newer checkpoints are moved to set-aside/, never deleted)")
+    start.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT|auto",
+                       help="continue the newest good checkpoint in --out (without a value: an error if there is "
+                            "none), the given one (newer checkpoints are moved to set-aside/, never deleted), or with "
+                            "'auto' the run in --out if it holds this run, else start it: the command line a "
+                            "requeued job repeats")
     start.add_argument("--overwrite", action="store_true",
                        help="delete the previous run in --out and start over (a new run is otherwise refused in a "
                             "folder holding checkpoints)")
@@ -147,5 +163,9 @@ def run(args: argparse.Namespace) -> int:
     result = fit(resolve_run_config(args), resume=args.resume, overwrite=args.overwrite)
     if result.set_aside is not None:
         say(f"checkpoints newer than the one resumed from were moved to {result.set_aside}")
+    if result.stopped is not None:
+        say(f"stopped at step {result.step} of {result.config.train.steps} ({result.stopped}); checkpoint: "
+            f"{result.checkpoint}. Run the same command with --resume auto to continue.")
+        return EXIT_STOPPED
     say(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
     return 0

@@ -153,6 +153,8 @@ class TrainConfig:
     eval_every: int = 0  # loss of the EMA model on the eval set every this many steps; 0 never
     eval_batches: int = 4
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    time_limit: float | None = None  # seconds: stop (with a checkpoint) before this much time has passed; None: none
+    grace_period: float = 20.0  # seconds from a stop signal to exit: the step and its checkpoint must fit in it
     out_dir: str = "runs/ddpm"
     tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is installed
 
@@ -174,6 +176,7 @@ SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
 RUN_BOOKKEEPING: frozenset[str] = frozenset({
     "train.steps", "train.device", "train.compile", "train.checkpoint_every", "train.keep_last",
     "train.log_every", "train.sample_every", "train.eval_every", "train.eval_batches", "train.max_nonfinite",
+    "train.time_limit", "train.grace_period",
     "train.out_dir", "train.tensorboard", "data.cache_dir",
     # the runtime policy's layout and kernels compute the same function (train.amp does not: it stays listed)
     "train.memory_format", "train.attention", "train.upsample", "train.fused_optimizer",
@@ -452,6 +455,8 @@ def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
         value = getattr(tr, name)
         need(value >= 0, f"train.{name}={value} must be >= 0")
     need(tr.max_nonfinite >= 1, f"train.max_nonfinite={tr.max_nonfinite} must be >= 1")
+    need(tr.time_limit is None or tr.time_limit > 0, f"train.time_limit={tr.time_limit} must be > 0 seconds")
+    need(tr.grace_period > 0, f"train.grace_period={tr.grace_period} must be > 0 seconds")
     need(op.lr > 0, f"optim.lr={op.lr} must be > 0")
     need(op.weight_decay >= 0, f"optim.weight_decay={op.weight_decay} must be >= 0")
     need(all(0 <= b < 1 for b in op.betas), f"optim.betas={op.betas} must lie in [0, 1)")

@@ -170,7 +170,7 @@ class BatchFeed:
             view = _StreamView(self.dataset, batch_size=self.batch_size, part=self.part, seed=self.seed, start=start)
             extra = {"prefetch_factor": self.prefetch} if self.workers > 0 else {}
             self._loader = DataLoader(view, batch_size=None, collate_fn=_as_is, num_workers=self.workers,
-                                      pin_memory=self.device.type == "cuda", **extra)
+                                      pin_memory=self.device.type == "cuda", worker_init_fn=shield_worker, **extra)
         elif self._loader is None:
             self._sampler = _StepSampler(self, start)
             extra: dict[str, Any] = {}
@@ -178,7 +178,7 @@ class BatchFeed:
                 extra = {"persistent_workers": True, "prefetch_factor": self.prefetch}
             self._loader = DataLoader(
                 _ReadView(self.dataset), sampler=self._sampler, batch_size=None, collate_fn=_as_is,
-                num_workers=self.workers, pin_memory=self.device.type == "cuda", **extra,
+                num_workers=self.workers, pin_memory=self.device.type == "cuda", worker_init_fn=shield_worker, **extra,
             )
         else:
             assert self._sampler is not None
@@ -198,6 +198,20 @@ class BatchFeed:
         """Stop the worker processes (a later ``get`` starts new ones)."""
         self._iterator = self._loader = self._sampler = None
         self._next_step = None
+
+
+def shield_worker(worker_id: int) -> None:
+    """A DataLoader worker ignores the stop signals, which reach the whole process group (Ctrl-C, Slurm).
+
+    The training process decides when to stop (:mod:`ddpm.train.stopping`) and needs its workers
+    for the step it finishes; it shuts them down when it is done, and they exit with it.
+    """
+    import signal
+
+    from ddpm.train.stopping import STOP_SIGNALS
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _StepSampler(Sampler[list[int]]):

@@ -59,6 +59,9 @@ logger = logging.getLogger("ddpm.train")
 LOCK_FILE = "run.lock"
 METRICS_FILE = "metrics.jsonl"
 SET_ASIDE = "set-aside"
+# ``resume`` values that name the folder's newest usable checkpoint rather than a path: "auto" starts the
+# run when there is none (a requeued job repeating its command line), "latest" is then an error.
+RESUME_NEWEST = ("auto", "latest")
 
 
 class RunFolderInUseError(CheckpointError):
@@ -307,18 +310,19 @@ def plan_run_start(folder: str | Path, *, resume: str | Path | None, overwrite: 
     """Decide how a run starts in ``folder`` under the rules of the module docstring; changes nothing.
 
     ``resume``: None (a new run), ``"auto"`` (continue the folder's newest usable checkpoint, or
-    start from scratch in a folder without checkpoint folders), or a checkpoint or run folder.
+    start from scratch in a folder without checkpoint folders), ``"latest"`` (the newest usable
+    checkpoint, which must exist), or a checkpoint or run folder.
     Raises :class:`~ddpm.errors.CheckpointError` for a folder holding another run's checkpoints, or
     when nothing loadable is found where a checkpoint was asked for, and
     :class:`~ddpm.errors.ConfigError` for contradictory requests.
     """
     folder = Path(folder)
     existing = checkpoint_folders(folder)
-    auto = resume is not None and str(resume) == "auto"
+    auto = resume is not None and str(resume) in RESUME_NEWEST
     if overwrite:
         if auto:
-            raise ConfigError("resume='auto' (--resume) continues the run in the folder and overwrite (--overwrite) "
-                              "deletes it: pass one of them")
+            raise ConfigError(f"resume={str(resume)!r} (--resume) continues the run in the folder and overwrite "
+                              "(--overwrite) deletes it: pass one of them")
         if resume is not None and Path(resume).exists() and (
             Path(resume).resolve() == folder.resolve() or _inside(Path(resume), folder)
         ):
@@ -332,6 +336,9 @@ def plan_run_start(folder: str | Path, *, resume: str | Path | None, overwrite: 
             )
         return RunStart(None, 0, overwrite=overwrite)
     if auto and not existing:
+        if str(resume) == "latest":
+            raise CheckpointError(f"nothing to resume: {folder} holds no checkpoint (a new run needs no --resume; "
+                                  "--resume auto resumes a run or starts it when there is none)")
         logger.info("no checkpoint in %s; starting from scratch", folder)
         return RunStart(None, 0)
     choice = find_checkpoint(folder if auto else resume)

@@ -2,7 +2,8 @@
 
 ``run`` -> ``train_step`` -> (``get_batch``, ``forward_backward``, ``clip_gradients``,
 ``optimizer_step``, ``ema_update``), then ``maybe_log``, ``maybe_checkpoint``, ``maybe_eval`` and
-``maybe_sample``.
+``maybe_sample``. A stop signal or the time limit (:mod:`ddpm.train.stopping`) ends the loop after
+the step in progress, with a checkpoint of that step.
 
 Reproducibility and resumption rest on one rule: everything random in step ``k`` is drawn from
 generators seeded by ``(seed, k)``, never from a stream carried across steps.
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddpm.errors import OutputError, UserError
+from ddpm.errors import CheckpointError, OutputError, UserError
 from ddpm.nn.policy import RuntimePolicy, resolve_policy
 from ddpm.train import distributed as dist_utils
 from ddpm.train.checkpoint import (
@@ -63,8 +64,9 @@ from ddpm.train.config import (
 )
 from ddpm.train.ema import ExponentialMovingAverage
 from ddpm.train.feed import BatchFeed
-from ddpm.train.run_folder import METRICS_FILE, RunFolder
+from ddpm.train.run_folder import METRICS_FILE, RESUME_NEWEST, RunFolder
 from ddpm.train.seeding import derive_seed, seeded_generator
+from ddpm.train.stopping import TIME_LIMIT, StopRequest
 from ddpm.train.timesteps import make_timestep_sampler
 
 logger = logging.getLogger("ddpm.train")
@@ -141,6 +143,7 @@ class StepStats:
     applied: bool  # False when the step was skipped (non-finite loss or gradient)
     mse_sum_by_t: list[float]  # per t bucket: summed mse and example counts
     count_by_t: list[float]
+    stop: str | None = None  # why the run stops after this step (a signal's name, "time limit"), agreed by all ranks
 
 
 class _Window:
@@ -185,6 +188,8 @@ class Trainer:
         eval_dataset: optional held-out data; the EMA model's loss on it is logged every
             ``train.eval_every`` steps.
         sample_fn: ``sample_fn(ema_model, step)`` called on rank 0 every ``train.sample_every`` steps.
+        started: ``time.monotonic()`` when the run's clock started, which ``train.time_limit`` counts
+            from (default: now; :func:`ddpm.fit` passes the time it was called).
 
     Under torchrun the process group is joined here (``setup_distributed``) and left in ``close``.
     """
@@ -198,6 +203,7 @@ class Trainer:
         *,
         eval_dataset: Any = None,
         sample_fn: SampleFn | None = None,
+        started: float | None = None,
     ) -> None:
         tc = config.train
         validate_config(config, world_size=dist_utils.get_world_size())
@@ -244,6 +250,10 @@ class Trainer:
         self._window = _Window()
         self._progress = None
         self._tb_writer = None
+        self.stop = StopRequest(grace_period=tc.grace_period, time_limit=tc.time_limit, started=started)
+        self.stopped: str | None = None  # why the run stopped before train.steps (None: it did not)
+        self._step_seconds = 0.0  # slowly decaying maxima of the measured step and checkpoint times
+        self._checkpoint_seconds: float | None = None
 
     # ---------------------------------------------------------------------------------- setup
     def _wrap_model(self) -> nn.Module:
@@ -269,33 +279,71 @@ class Trainer:
         newest usable checkpoint, or from scratch in a folder without checkpoints), or a checkpoint
         or run folder. ``overwrite``: delete the previous run in the folder and start over. See
         :mod:`ddpm.train.run_folder` for the rules. Returns a summary ``{"step", "checkpoint",
-        "nonfinite_total", "set_aside"}``; ``checkpoint`` is the newest good checkpoint (it exists)
-        or None. Raises :class:`NonFiniteLossError` when training blows up, including a run that
-        reaches its last step with weights the checkpoint guard refuses.
+        "nonfinite_total", "set_aside", "stopped"}``; ``checkpoint`` is the newest good checkpoint (it
+        exists) or None; ``stopped`` says why the run ended before ``train.steps`` (a signal's name or
+        "time limit", see :mod:`ddpm.train.stopping`), None when it did not. Raises
+        :class:`NonFiniteLossError` when training blows up, including a run that reaches its last
+        step with weights the checkpoint guard refuses.
         """
         tc = self.config.train
         try:
             checkpoint = self.open_run_folder(resume=resume, overwrite=overwrite)
-            if checkpoint is not None:
-                self.resume(checkpoint)
-            self._start_logging()
-            self.log_runtime()
-            while self.step < tc.steps:
-                stats = self.train_step()
-                self.maybe_log(stats)
-                self.maybe_checkpoint()
-                self.maybe_eval()
-                self.maybe_sample()
-            if self._last_checkpoint_step != self.step and self.save_checkpoint() is None:
-                raise NonFiniteLossError(
-                    f"training reached step {self.step}, but its weights cannot be checkpointed: {self.last_refusal}. "
-                    f"The last good checkpoint is {self.last_good_checkpoint() or 'none'}."
-                )
+            with self.stop.installed():
+                if checkpoint is not None:
+                    self.resume(checkpoint, auto=str(resume) == "auto")
+                self._start_logging()
+                self.log_runtime()
+                while self.step < tc.steps and self.stopped is None:
+                    started = time.perf_counter()
+                    stats = self.train_step()
+                    self._note_seconds("_step_seconds", time.perf_counter() - started)
+                    self.maybe_log(stats)
+                    self.stopped = stats.stop
+                    if self.stopped is None:
+                        self.maybe_checkpoint()
+                        self.maybe_eval()
+                        self.maybe_sample()
+                if self._last_checkpoint_step != self.step and self.save_checkpoint() is None:
+                    raise NonFiniteLossError(
+                        f"training reached step {self.step}, but its weights cannot be checkpointed: "
+                        f"{self.last_refusal}. The last good checkpoint is {self.last_good_checkpoint() or 'none'}."
+                    )
+                if self.stopped is not None:
+                    self.record_stop()
         finally:
             self.close()
         set_aside = self._run_folder.set_aside if self._run_folder is not None else None
         return {"step": self.step, "checkpoint": self.last_checkpoint, "nonfinite_total": self.nonfinite_total,
-                "set_aside": set_aside}
+                "set_aside": set_aside, "stopped": self.stopped}
+
+    def _note_seconds(self, name: str, seconds: float) -> None:
+        """Keep a slowly decaying maximum of a measured duration (what the time limit plans with)."""
+        setattr(self, name, max(0.9 * (getattr(self, name) or 0.0), seconds))
+
+    def stop_votes(self) -> tuple[float, float]:
+        """(signalled, out of time) of this process; :meth:`_reduce_stats` sums them over processes."""
+        if self.stop.reason is None and self.stop.time_is_up(self._step_seconds, self.checkpoint_seconds()):
+            self.stop.request(TIME_LIMIT)
+        if self.stop.reason is None:
+            return 0.0, 0.0
+        return (0.0, 1.0) if self.stop.reason == TIME_LIMIT else (1.0, 0.0)
+
+    def checkpoint_seconds(self) -> float:
+        """Measured seconds of a checkpoint (guard and write); before the first, an estimate from the step time
+        and the bytes to write (weights, EMA and two AdamW moments, at 50 MB/s)."""
+        if self._checkpoint_seconds is not None:
+            return self._checkpoint_seconds
+        nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return 2.0 * self._step_seconds + 1.0 + 4 * nbytes / 50e6
+
+    def record_stop(self) -> None:
+        """Log and record in metrics.jsonl that the run stopped early, why, and how long after the request."""
+        after = self.stop.seconds_since_signal()
+        if self.is_main:
+            logger.warning("stopped at step %d (%s); checkpoint %s", self.step, self.stopped, self.last_checkpoint)
+        self.write_metrics({"step": self.step, "event": "stopped", "reason": self.stopped,
+                            "checkpoint": str(self.last_checkpoint),
+                            "seconds_after_request": None if after is None else round(after, 3)})
 
     def open_run_folder(self, *, resume: str | Path | None, overwrite: bool = False) -> Path | None:
         """Rank 0 takes the run folder (:meth:`RunFolder.open`); every rank learns the checkpoint to resume from.
@@ -341,7 +389,7 @@ class Trainer:
         torch.manual_seed(derive_seed(self.config.train.seed, "model-rng", step, self.rank))  # dropout
         per_example = self.forward_backward(batch)
         grad_norm = self.clip_gradients()
-        stats = self._reduce_stats(step, per_example, grad_norm)
+        stats = self._reduce_stats(step, per_example, grad_norm, self.stop_votes())
         if stats.applied:
             self.optimizer_step(step)
             self.check_weights_finite(stats)
@@ -421,20 +469,29 @@ class Trainer:
         clip = self.config.optim.grad_clip
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
 
-    def _reduce_stats(self, step: int, per_example: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> StepStats:
-        """Sum loss, mse and per-t-bucket mse over processes in one all-reduce (one host sync)."""
+    def _reduce_stats(self, step: int, per_example: dict[str, torch.Tensor], grad_norm: torch.Tensor,
+                      stop_votes: tuple[float, float] = (0.0, 0.0)) -> StepStats:
+        """Sum loss, mse, per-t-bucket mse and the stop votes over processes in one all-reduce (one host sync).
+
+        ``stop_votes`` is (signalled, out of time) of this process: one process's vote stops every
+        process after this step.
+        """
         loss, mse, t = per_example["loss"], per_example["mse"], per_example["t"]
         buckets = (t * NUM_T_BUCKETS // self.diffusion.num_timesteps).clamp_(0, NUM_T_BUCKETS - 1)
         by_t = torch.zeros(NUM_T_BUCKETS, device=mse.device).index_add_(0, buckets, mse)
         count = torch.zeros(NUM_T_BUCKETS, device=mse.device).index_add_(0, buckets, torch.ones_like(mse))
         head = torch.stack([loss.sum(), mse.sum(), grad_norm.float().to(mse.device) / self.world_size])
-        values = dist_utils.all_reduce_sum(torch.cat([head, by_t, count])).tolist()
+        votes = torch.tensor(stop_votes, device=mse.device)
+        values = dist_utils.all_reduce_sum(torch.cat([head, votes, by_t, count])).tolist()
         n = self.config.train.batch_size
         loss_mean, mse_mean, norm = values[0] / n, values[1] / n, values[2]
+        stop = None
+        if values[3] or values[4]:  # this process's own reason, else the one another process voted for
+            stop = self.stop.reason or ("a signal to another process" if values[3] else TIME_LIMIT)
         return StepStats(
             step=step + 1, loss=loss_mean, mse=mse_mean, grad_norm=norm, lr=self.lr_at(step),
             applied=math.isfinite(loss_mean) and math.isfinite(norm),
-            mse_sum_by_t=values[3 : 3 + NUM_T_BUCKETS], count_by_t=values[3 + NUM_T_BUCKETS :],
+            mse_sum_by_t=values[5 : 5 + NUM_T_BUCKETS], count_by_t=values[5 + NUM_T_BUCKETS :], stop=stop,
         )
 
     def lr_at(self, step: int) -> float:
@@ -569,6 +626,7 @@ class Trainer:
         Every rank runs the guard (its loss is all-reduced, so all decide alike); rank 0 writes and
         the others wait at barriers on both sides.
         """
+        started = time.perf_counter()
         refusal, next_loss = self.checkpoint_guard()
         self.last_refusal = refusal
         if refusal is not None:
@@ -587,6 +645,7 @@ class Trainer:
             logger.info("saved checkpoint %s", path)
         dist_utils.barrier()
         self.last_checkpoint, self._last_checkpoint_step = path, self.step
+        self._note_seconds("_checkpoint_seconds", time.perf_counter() - started)
         return path
 
     def last_good_checkpoint(self) -> Path | None:
@@ -687,22 +746,32 @@ class Trainer:
             "world_size": self.world_size,
         }
 
-    def resume(self, resume: str | Path) -> Path | None:
+    def resume(self, resume: str | Path, *, auto: bool = False) -> Path | None:
         """Restore weights, EMA, optimizer and counters from a checkpoint or run folder.
 
-        "auto" is the newest usable checkpoint of ``out_dir``; None is returned when ``out_dir``
-        holds no checkpoint folder at all, and :class:`~ddpm.errors.CheckpointError` raised when it
-        holds some but none is usable. Hyperparameters that differ from the checkpoint's are
-        logged as a warning (and recorded in the metrics by :meth:`run`).
+        "auto" and "latest" are the newest usable checkpoint of ``out_dir``; for "auto" None is
+        returned when ``out_dir`` holds no checkpoint folder at all. :class:`~ddpm.errors.CheckpointError`
+        is raised when it holds some but none is usable (or none, for "latest"). Hyperparameters that
+        differ from the checkpoint's are logged as a warning (and recorded in the metrics by
+        :meth:`run`); with ``auto`` (``--resume auto``, the same command line repeated by a requeued
+        job) they are refused: the folder holds another run.
         """
-        if str(resume) == "auto":
+        if str(resume) in RESUME_NEWEST:
             if not checkpoint_folders(self.out_dir):
+                if str(resume) == "latest":
+                    raise CheckpointError(f"nothing to resume: {self.out_dir} holds no checkpoint")
                 if self.is_main:
                     logger.info("no checkpoint in %s; starting from scratch", self.out_dir)
                 return None
+            auto = auto or str(resume) == "auto"
             resume = self.out_dir
         path = resolve_checkpoint(resume)
         changes = hyperparameter_changes(read_config(path), self.config)
+        if auto and changes:
+            raise CheckpointError(
+                f"--resume auto: {self.out_dir} holds another run ({path.name} differs in "
+                + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                + "): pass --resume to continue it with these changes, or choose another --out")
         path, ema_state, state = load_checkpoint(path, self.model, map_location="cpu")
         self.ema.load_state_dict(ema_state, num_updates=state["ema"]["num_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
