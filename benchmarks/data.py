@@ -137,8 +137,8 @@ def child_startup(spec: str, prepared_dir: str, image_size: int, batch: int, wor
     import torch
 
     from ddpm.build import build_diffusion, build_model
+    from ddpm.config import RunConfig, apply_overrides
     from ddpm.train import Trainer
-    from ddpm.train.config import RunConfig, apply_overrides
 
     marks = {"imports": process_age()}
     torch.set_num_threads(1)

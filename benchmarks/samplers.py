@@ -33,8 +33,9 @@ import torch
 
 import ddpm
 from ddpm.evaluate import distances, make_reference
-from ddpm.pipeline import Pipeline, item_seeds
+from ddpm.pipeline import Pipeline
 from ddpm.samplers import sample
+from ddpm.seeding import item_seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

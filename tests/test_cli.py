@@ -191,7 +191,7 @@ def test_sample_never_overwrites_earlier_results(trained_run: Path, tmp_path: Pa
 
 
 def test_help_shows_the_configuration_defaults(capsys: pytest.CaptureFixture) -> None:
-    from ddpm.train.config import RunConfig
+    from ddpm.config import RunConfig
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

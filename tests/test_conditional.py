@@ -13,8 +13,8 @@ from PIL import Image
 
 import ddpm
 from ddpm.cli import main
+from ddpm.config import RunConfig, apply_overrides
 from ddpm.errors import ConfigError
-from ddpm.train.config import RunConfig, apply_overrides
 
 torch.set_num_threads(1)
 
@@ -64,8 +64,8 @@ def test_labels_and_class_names_come_from_the_data(run: tuple[Path, Path]) -> No
 
 def test_label_dropout_replaces_about_cond_drop_of_the_labels(tmp_path: Path) -> None:
     from ddpm.build import build_dataset, build_diffusion, build_model
-    from ddpm.fit import resolve_config
     from ddpm.train import Trainer
+    from ddpm.train.fit import resolve_config
 
     data = labelled_folder(tmp_path / "data")
     cfg = config(data, tmp_path / "r", **{"train.batch_size": 24})

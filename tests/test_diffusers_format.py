@@ -14,10 +14,11 @@ import torch
 
 import ddpm
 from ddpm.build import build_diffusion
+from ddpm.config import DiffusionConfig, ModelConfig, RunConfig
 from ddpm.diffusers_format import DiffusersFormatError, diffusion_from_scheduler, scheduler_config
 from ddpm.nn import UNet, unet_preset
-from ddpm.pipeline import Pipeline, item_seeds
-from ddpm.train.config import DiffusionConfig, ModelConfig, RunConfig
+from ddpm.pipeline import Pipeline
+from ddpm.seeding import item_seeds
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -123,7 +124,7 @@ def test_run_export_load_is_bit_identical(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from ddpm.train.config import apply_overrides
+    from ddpm.config import apply_overrides
 
     data = tmp_path / "data"
     data.mkdir()

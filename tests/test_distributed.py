@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import ddpm
-from ddpm.train.checkpoint import load_weights
-from ddpm.train.config import ConfigError, RunConfig, apply_overrides
-from ddpm.train.distributed import all_gather_tensor, get_world_size, is_main_process, shard_indices
+from ddpm.checkpoint import load_weights
+from ddpm.config import ConfigError, RunConfig, apply_overrides
+from ddpm.distributed import all_gather_tensor, get_world_size, is_main_process, shard_indices
 from ddpm.train.trainer import Trainer
 
 from .test_train import TinyImages

@@ -30,16 +30,8 @@ import torch
 from PIL import Image
 
 import ddpm
-from ddpm.choices import SAMPLE_FORMATS, parse_choice_list
-from ddpm.cli import main
-from ddpm.data import load_dataset
-from ddpm.data.images import sixteen_to_eight_bits
-from ddpm.errors import CheckpointError, ConfigError, DataError, OutputError, UserError
-from ddpm.outputs import check_output_folder
-from ddpm.tensors import check_finite
-from ddpm.train import checkpoint as ckpt_mod
-from ddpm.train import run_folder
-from ddpm.train.checkpoint import (
+from ddpm import checkpoint as ckpt_mod
+from ddpm.checkpoint import (
     checkpoint_folders,
     find_checkpoint,
     load_checkpoint,
@@ -48,6 +40,14 @@ from ddpm.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from ddpm.choices import SAMPLE_FORMATS, parse_choice_list
+from ddpm.cli import main
+from ddpm.data import load_dataset
+from ddpm.data.images import sixteen_to_eight_bits
+from ddpm.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, OutputError, UserError
+from ddpm.outputs import check_output_folder
+from ddpm.tensors import check_finite
+from ddpm.train import run_folder
 from ddpm.train.run_folder import (
     RunFolderInUseError,
     RunFolderLock,
@@ -56,7 +56,7 @@ from ddpm.train.run_folder import (
     recover_interrupted_saves,
     truncate_metrics,
 )
-from ddpm.train.trainer import NonFiniteLossError, StepStats, norms_finite
+from ddpm.train.trainer import StepStats, norms_finite
 
 from .test_cli import TINY, write_folder
 from .test_train import TinyNet, make_config, make_trainer
@@ -109,7 +109,7 @@ def run(good_run: Path, tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------------ subprocesses
 PRELUDE = """
 import json, os, signal, sys
-from ddpm.train import checkpoint as c
+from ddpm import checkpoint as c
 from ddpm.cli import main
 
 kill_at = int(os.environ.get("KILL_AT_WRITE", "0"))
@@ -180,7 +180,7 @@ def test_kill_9_at_random_points_and_inside_checkpoint_writes_then_resume_is_bit
 RESAVE = """
 import os, shutil, signal, sys
 from pathlib import Path
-from ddpm.train import checkpoint as c
+from ddpm import checkpoint as c
 
 final = Path(sys.argv[1])
 tmp = final.with_name(".tmp-ckpt-" + final.name[5:] + "-1-1")

@@ -7,11 +7,11 @@ import torch
 
 import ddpm
 from ddpm.build import build_diffusion, resolve_hflip
+from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
 from ddpm.data import ArrayDataset
 from ddpm.errors import CheckpointError, UserError
 from ddpm.nn import MLPConfig, MLPDenoiser
 from ddpm.pipeline import Pipeline
-from ddpm.train.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
 
 
 def vector_pipe(model: torch.nn.Module) -> Pipeline:
@@ -63,3 +63,33 @@ def test_flips_default_off_for_digits_only(dataset: str, hflip: bool | None, exp
     assert resolve_hflip(DataConfig(dataset=dataset, hflip=hflip), images) is expected
     points = ArrayDataset(torch.zeros(2, 2), kind="vector", name=dataset)
     assert resolve_hflip(DataConfig(dataset=dataset, hflip=True), points) is False
+
+
+LOAD_AND_SAMPLE = """
+import json, sys
+import ddpm
+pipe = ddpm.load(sys.argv[1], device="cpu")
+x = pipe.sample(2, sampler="ancestral", steps=3)
+assert x.shape == (2, 1, 8, 8)
+print(json.dumps(sorted(m for m in sys.modules if m == "ddpm.train" or m.startswith("ddpm.train."))))
+"""
+
+
+def test_inference_does_not_load_the_trainer(tmp_path: Path) -> None:
+    """``import ddpm; ddpm.load(run).sample(...)`` in a fresh interpreter imports no module of ddpm.train."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ddpm.cli import main
+
+    from .test_cli import TINY, write_folder
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(write_folder(tmp_path / "data")), "--steps", "2", "--out", str(run),
+                 "--set", "model.num_groups=8", *TINY]) == 0
+    src = str(Path(ddpm.__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_SAMPLE, str(run)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpm.config import RunConfig, apply_overrides
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError
 from ddpm.nn import UNet, UNetConfig
@@ -21,7 +22,6 @@ from ddpm.nn.policy import (
 )
 from ddpm.nn.unet import AttentionBlock, Upsample
 from ddpm.schedules import make_betas
-from ddpm.train.config import RunConfig, apply_overrides
 from ddpm.train.trainer import Trainer
 
 from .test_cli import TINY as TINY_CLI

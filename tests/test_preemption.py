@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 import ddpm
+from ddpm.checkpoint import checkpoint_folders, find_checkpoint, verify_checkpoint
 from ddpm.cli import main
-from ddpm.train.checkpoint import checkpoint_folders, find_checkpoint, verify_checkpoint
-from ddpm.train.config import RunConfig, apply_overrides
+from ddpm.config import RunConfig, apply_overrides
 from ddpm.train.stopping import EXIT_STOPPED, TIME_LIMIT, parse_duration
 
 from .test_cli import TINY, write_folder
@@ -32,7 +32,7 @@ NO_PERIODIC = ["--checkpoint-every", "1000", "--keep-last", "0"]  # only the sto
 
 PRELUDE = """
 import json, os, signal, sys, time
-from ddpm.train import checkpoint as c
+from ddpm import checkpoint as c
 from ddpm.cli import main
 
 # SIGNAL_AT_WRITES="3:SIGTERM,5:SIGINT": send the signal to this process at that checkpoint file write

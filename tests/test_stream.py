@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import ddpm
+from ddpm.config import RunConfig, apply_overrides
 from ddpm.data import (
     ArrayDataset,
     CacheError,
@@ -32,7 +33,6 @@ from ddpm.data import (
 )
 from ddpm.data import cache as cache_mod
 from ddpm.errors import DataError
-from ddpm.train.config import RunConfig, apply_overrides
 from ddpm.train.feed import BatchFeed
 from ddpm.train.trainer import Trainer
 

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 import ddpm
-from ddpm.errors import CheckpointError
-from ddpm.train import checkpoint as ckpt_mod
-from ddpm.train.checkpoint import (
+from ddpm import checkpoint as ckpt_mod
+from ddpm.checkpoint import (
     ArchitectureMismatchError,
     find_latest,
     list_checkpoints,
@@ -23,18 +22,18 @@ from ddpm.train.checkpoint import (
     load_weights,
     read_config,
 )
-from ddpm.train.config import (
+from ddpm.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
     config_from_toml,
     load_config,
-    model_overrides,
     to_toml,
     validate_config,
 )
+from ddpm.errors import CheckpointError, NonFiniteLossError
 from ddpm.train.ema import ExponentialMovingAverage, ema_decay
-from ddpm.train.trainer import NonFiniteLossError, Trainer, linear_warmup_lr
+from ddpm.train.trainer import Trainer, linear_warmup_lr
 
 T = 50  # diffusion steps of the test runs
 
@@ -183,11 +182,11 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 def test_data_order_covers_each_example_once_per_epoch(tmp_path):
     trainer = make_trainer(make_config(tmp_path))
     n = len(trainer.dataset)  # 20 examples, batches of 8: batch 2 straddles two epochs
-    first = torch.cat([trainer.batch_indices(k) for k in range(5)])  # 40 = two epochs
+    first = torch.cat([trainer.feed.indices(k) for k in range(5)])  # 40 = two epochs
     assert sorted(first[:n].tolist()) == list(range(n))
     assert sorted(first[n:].tolist()) == list(range(n))
     assert not torch.equal(first[:n], first[n:])  # a fresh permutation per epoch
-    assert torch.equal(trainer.batch_indices(3), first[24:32])
+    assert torch.equal(trainer.feed.indices(3), first[24:32])
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -408,7 +407,6 @@ def test_config_toml_round_trip(tmp_path):
     path.write_text(text)
     assert load_config(path) == cfg
     assert cfg.model.channel_mult == (1, 2, 2) and cfg.optim.betas == (0.9, 0.99) and cfg.train.compile
-    assert model_overrides(cfg.model) == {"channel_mult": (1, 2, 2), "scale_shift_norm": False, "dropout": 0.1}
 
 
 def test_partial_config_file_takes_defaults(tmp_path):

@@ -1,4 +1,4 @@
-"""From a :class:`~ddpm.train.config.RunConfig` to the objects a run needs: data, diffusion, network.
+"""From a :class:`~ddpm.config.RunConfig` to the objects a run needs: data, diffusion, network.
 
 The one place where configuration meets construction, so the trainer, the CLI and a checkpoint
 reader all build the same thing from the same config.
@@ -12,13 +12,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
 from ddpm.data import ArrayDataset, LazyImages, load_dataset
 from ddpm.data.hf import HFStream
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError, DataError, UserError
 from ddpm.nn import MLP_PRESETS, PRESETS, MLPDenoiser, UNet, mlp_preset, unet_preset
 from ddpm.schedules import make_betas
-from ddpm.train.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
 
 UNET_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                "scale_shift_norm", "num_groups", "dropout")

@@ -17,11 +17,11 @@ import torch
 
 from ddpm import viz
 from ddpm.build import build_dataset
+from ddpm.config import RunConfig, apply_overrides
 from ddpm.evaluate import balanced_labels, card_markdown, evaluate
-from ddpm.fit import fit
 from ddpm.outputs import save_samples, write_json
 from ddpm.pipeline import Pipeline, load
-from ddpm.train.config import RunConfig, apply_overrides
+from ddpm.train.fit import fit
 
 # The demo's samplers, 10 network evaluations each (README "Samplers", "Conditional generation"):
 # unconditional, SDE-DPM-Solver++(2M) against 50 ancestral steps: Frechet distance 4.37 +/- 0.51 against

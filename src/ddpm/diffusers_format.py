@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
+from ddpm.config import DiffusionConfig
 from ddpm.errors import UserError
 from ddpm.nn import UNet, load_pretrained
 from ddpm.nn.pretrained import NULL_CLASS_KEY, config_to_diffusers, to_diffusers_state_dict
 from ddpm.schedules import make_betas
-from ddpm.train.config import DiffusionConfig
 
 DIFFUSERS_VERSION = "0.25.0"  # the oldest diffusers whose config format we write and have tested against
 PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}

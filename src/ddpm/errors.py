@@ -30,5 +30,13 @@ class DeviceError(UserError):
     """A requested device (cuda, mps) that this machine does not have."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training blew up: too many consecutive non-finite steps, or an update made the weights non-finite.
+
+    Not a :class:`UserError` (the command line reports it with exit status 1): the message names the
+    last good checkpoint and what to try.
+    """
+
+
 class OutputError(UserError):
     """An output file or folder that cannot be written (an existing file, no permission, a full disk)."""

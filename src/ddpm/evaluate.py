@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from ddpm.build import build_dataset
+from ddpm.config import DataConfig, apply_overrides
 from ddpm.errors import UserError
 from ddpm.pipeline import Pipeline
 from ddpm.samplers import DEFAULT_SAMPLER
-from ddpm.train.config import DataConfig, apply_overrides
 
 DIGIT_SETS = ("mnist5k", "digits", "mnist", "fashion-mnist")
 FEATURES = ("auto", "classifier", "inception")

@@ -9,7 +9,7 @@
 
 A :class:`Pipeline` holds the network (``pipe.model``, called as ``model(x_t, t)``), the diffusion
 (``pipe.diffusion``, a :class:`~ddpm.GaussianDiffusion`) and the resolved configuration
-(``pipe.config``, a :class:`~ddpm.train.config.RunConfig`). Sampling and the bound are sharded over
+(``pipe.config``, a :class:`~ddpm.config.RunConfig`). Sampling and the bound are sharded over
 the processes of a torchrun job (every process gets all results); sample i and image i draw their
 noise from their own seed, so results do not depend on the batch size or the number of processes.
 """
@@ -27,25 +27,20 @@ import torch
 from torch import nn
 
 from ddpm.build import build_diffusion, model_from_spec, model_spec
+from ddpm.checkpoint import load_model_weights, read_config, resolve_checkpoint
 from ddpm.choices import AMPS, WEIGHTS, Amp, Weights, check_choice
+from ddpm.config import ModelConfig, RunConfig
 from ddpm.diffusers_format import is_pipeline_folder, read_pipeline_folder, write_pipeline_folder
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.distributed import all_gather_tensor, get_rank, get_world_size, resolve_device
 from ddpm.errors import CheckpointError, UserError
 from ddpm.guidance import Guided
 from ddpm.likelihood import nll as exact_bound
 from ddpm.likelihood import nll_estimate
 from ddpm.nn.policy import RuntimePolicy, resolve_policy
 from ddpm.samplers import DEFAULT_SAMPLER, Spacing, nfe_budget, sample, sampling_chain
+from ddpm.seeding import item_seeds
 from ddpm.tensors import check_finite
-from ddpm.train.checkpoint import load_model_weights, read_config, resolve_checkpoint
-from ddpm.train.config import ModelConfig, RunConfig
-from ddpm.train.distributed import all_gather_tensor, get_rank, get_world_size, resolve_device
-from ddpm.train.seeding import derive_seed
-
-
-def item_seeds(seed: int, indices: Sequence[int], stream: str = "sample") -> list[int]:
-    """The seed of item i: a function of (seed, stream, i) only, so item i is the same in any batch or process."""
-    return [derive_seed(seed, stream, int(i)) for i in indices]
 
 
 def _generators(seed: int, indices: Sequence[int], stream: str, device: torch.device) -> list[torch.Generator]:

@@ -38,8 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from ddpm.errors import UserError
-    from ddpm.train import NonFiniteLossError
+    from ddpm.errors import NonFiniteLossError, UserError
 
     try:
         return int(args.func(args) or 0)

@@ -158,7 +158,7 @@ def sampler_options(args: argparse.Namespace) -> dict[str, float]:
 
 def say(message: str) -> None:
     """Print to stdout on the main process only."""
-    from ddpm.train.distributed import is_main_process
+    from ddpm.distributed import is_main_process
 
     if is_main_process():
         print(message, flush=True)

@@ -47,9 +47,9 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import ddpm
+    from ddpm.distributed import resolve_device
     from ddpm.evaluate import card_markdown, evaluate
     from ddpm.outputs import prepare_output_folder, write_json
-    from ddpm.train.distributed import resolve_device
 
     pipe = ddpm.load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
     options = sampler_options(args)  # checked before anything is written

@@ -31,10 +31,10 @@ def run(args: argparse.Namespace) -> int:
     import ddpm
     from ddpm import viz
     from ddpm.build import build_dataset
+    from ddpm.distributed import cleanup_distributed, is_main_process, setup_distributed
     from ddpm.errors import UserError
     from ddpm.evaluate import reference_data
     from ddpm.outputs import prepare_output_folder, write_json
-    from ddpm.train.distributed import cleanup_distributed, is_main_process, setup_distributed
 
     device, _, _ = setup_distributed(args.device)
     try:

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     import ddpm
     from ddpm import viz
+    from ddpm.distributed import cleanup_distributed, is_main_process, setup_distributed
     from ddpm.errors import UserError
     from ddpm.outputs import (
         SAMPLES_LAYOUT,
@@ -51,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
         save_samples,
         write_json,
     )
-    from ddpm.train.distributed import cleanup_distributed, is_main_process, setup_distributed
 
     formats = parse_formats(args.format)
     device, _, _ = setup_distributed(args.device)

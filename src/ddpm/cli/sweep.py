@@ -39,9 +39,9 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import ddpm
     from ddpm import viz
+    from ddpm.distributed import resolve_device
     from ddpm.evaluate import headline_metric, sweep, sweep_markdown
     from ddpm.outputs import prepare_output_folder, write_json
-    from ddpm.train.distributed import resolve_device
 
     pipe = ddpm.load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
     out = prepare_output_folder(args.out or default_out(pipe.source, "sweep"),

@@ -1,7 +1,7 @@
 """``ddpm train``: flags map onto the typed run configuration; the library call is :func:`ddpm.fit`.
 
 Precedence: the configuration's defaults, then ``--config FILE``, then ``--set KEY=VALUE``, then the
-named flags. Every flag's help shows the real default, read from :class:`~ddpm.train.config.RunConfig`.
+named flags. Every flag's help shows the real default, read from :class:`~ddpm.config.RunConfig`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.cli.common import HelpFormatter, nonnegative_int, positive_float, positive_int, say
+from ddpm.config import RunConfig
 from ddpm.errors import ConfigError
-from ddpm.train.config import RunConfig
 from ddpm.train.stopping import EXIT_STOPPED, parse_duration
 
 
@@ -141,7 +141,7 @@ def register(sub: Any) -> None:
 
 def resolve_run_config(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the TOML file, then --set, then the named flags."""
-    from ddpm.train.config import apply_overrides, load_config
+    from ddpm.config import apply_overrides, load_config
 
     cfg = load_config(args.config) if args.config else RunConfig()
     overrides: dict[str, Any] = {}
@@ -158,7 +158,7 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ddpm.fit import fit
+    from ddpm.train.fit import fit
 
     result = fit(resolve_run_config(args), resume=args.resume, overwrite=args.overwrite)
     if result.set_aside is not None:

@@ -1,76 +1,29 @@
-"""Training: typed run configuration, atomic checkpoints, EMA, and a torchrun-ready Trainer."""
+"""Training: :func:`fit` (``ddpm.fit``), the Trainer, and what only training needs (data feed, EMA,
+timestep sampling, run folders, stopping on signals).
 
-from ddpm.train.checkpoint import (
-    ArchitectureMismatchError,
-    CheckpointChoice,
-    CheckpointError,
-    find_checkpoint,
-    find_latest,
-    load_checkpoint,
-    load_model_weights,
-    load_weights,
-    read_config,
-    resolve_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
-from ddpm.train.config import (
-    ConfigError,
-    DataConfig,
-    DiffusionConfig,
-    EMAConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    TrainConfig,
-    apply_overrides,
-    config_to_dict,
-    load_config,
-    model_overrides,
-    to_toml,
-    validate_config,
-)
-from ddpm.train.distributed import cleanup_distributed, is_main_process, setup_distributed
+The run configuration (:mod:`ddpm.config`), checkpoints (:mod:`ddpm.checkpoint`), seeding
+(:mod:`ddpm.seeding`) and the torchrun helpers (:mod:`ddpm.distributed`) live below, shared with
+inference, which never imports this package.
+"""
+
+from ddpm.errors import NonFiniteLossError
 from ddpm.train.ema import ExponentialMovingAverage, ema_decay
+from ddpm.train.fit import TrainResult, fit
 from ddpm.train.run_folder import RunFolder, RunFolderInUseError, RunStart, check_run_folder
-from ddpm.train.trainer import NonFiniteLossError, Trainer
+from ddpm.train.stopping import EXIT_STOPPED, StopRequest
+from ddpm.train.trainer import Trainer
 
 __all__ = [
-    "ArchitectureMismatchError",
-    "CheckpointChoice",
-    "CheckpointError",
-    "ConfigError",
-    "DataConfig",
-    "DiffusionConfig",
-    "EMAConfig",
+    "EXIT_STOPPED",
     "ExponentialMovingAverage",
-    "ModelConfig",
     "NonFiniteLossError",
-    "OptimConfig",
-    "RunConfig",
     "RunFolder",
     "RunFolderInUseError",
     "RunStart",
-    "TrainConfig",
+    "StopRequest",
+    "TrainResult",
     "Trainer",
-    "apply_overrides",
     "check_run_folder",
-    "cleanup_distributed",
-    "config_to_dict",
     "ema_decay",
-    "find_checkpoint",
-    "find_latest",
-    "is_main_process",
-    "load_checkpoint",
-    "load_config",
-    "load_model_weights",
-    "load_weights",
-    "model_overrides",
-    "read_config",
-    "resolve_checkpoint",
-    "save_checkpoint",
-    "setup_distributed",
-    "to_toml",
-    "validate_config",
-    "verify_checkpoint",
+    "fit",
 ]

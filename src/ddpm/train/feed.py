@@ -40,9 +40,9 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_in
 
 from ddpm.data.arrays import ImageBatch, uint8_to_float
 from ddpm.data.images import ImageDecodeError
+from ddpm.distributed import shard_indices
 from ddpm.errors import DataError
-from ddpm.train.distributed import shard_indices
-from ddpm.train.seeding import derive_seed, seeded_generator
+from ddpm.seeding import derive_seed, seeded_generator
 
 logger = logging.getLogger("ddpm.train")
 

@@ -17,7 +17,7 @@ without changing anything, so a command can fail before it loads data.
   checkpoints is refused (it would mix two runs) unless ``overwrite=True`` clears it first.
 - ``metrics.jsonl`` holds no line past the step the run starts from (0 for a new run), so a
   resumed run logs every step once.
-- A kill between the two renames of a re-save (see :mod:`ddpm.train.checkpoint`) is undone: the
+- A kill between the two renames of a re-save (see :mod:`ddpm.checkpoint`) is undone: the
   old checkpoint is renamed back; temporary folders of unfinished writes are removed.
 """
 
@@ -35,9 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ddpm.errors import CheckpointError, ConfigError
-from ddpm.outputs import check_output_folder
-from ddpm.train.checkpoint import (
+from ddpm.checkpoint import (
     CKPT_PREFIX,
     REPLACED_PREFIX,
     TMP_PREFIX,
@@ -48,6 +46,8 @@ from ddpm.train.checkpoint import (
     is_complete,
     warn_skipped,
 )
+from ddpm.errors import CheckpointError, ConfigError
+from ddpm.outputs import check_output_folder
 
 try:
     import fcntl

@@ -43,10 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddpm.errors import CheckpointError, OutputError, UserError
-from ddpm.nn.policy import RuntimePolicy, resolve_policy
-from ddpm.train import distributed as dist_utils
-from ddpm.train.checkpoint import (
+from ddpm import distributed as dist_utils
+from ddpm.checkpoint import (
     checkpoint_folders,
     load_checkpoint,
     nonfinite_tensors,
@@ -54,7 +52,7 @@ from ddpm.train.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from ddpm.train.config import (
+from ddpm.config import (
     ConfigError,
     RunConfig,
     hyperparameter_changes,
@@ -62,10 +60,12 @@ from ddpm.train.config import (
     save_config,
     validate_config,
 )
+from ddpm.errors import CheckpointError, NonFiniteLossError, OutputError, UserError
+from ddpm.nn.policy import RuntimePolicy, resolve_policy
+from ddpm.seeding import derive_seed, seeded_generator
 from ddpm.train.ema import ExponentialMovingAverage
 from ddpm.train.feed import BatchFeed
 from ddpm.train.run_folder import METRICS_FILE, RESUME_NEWEST, RunFolder
-from ddpm.train.seeding import derive_seed, seeded_generator
 from ddpm.train.stopping import TIME_LIMIT, StopRequest
 from ddpm.train.timesteps import make_timestep_sampler
 
@@ -73,13 +73,6 @@ logger = logging.getLogger("ddpm.train")
 
 NUM_T_BUCKETS = 10  # metrics report the mse in this many equal ranges of t
 SampleFn = Callable[[nn.Module, int], Any]
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training blew up: too many consecutive non-finite steps, or an update made the weights non-finite.
-
-    The message names the last good checkpoint.
-    """
 
 
 def linear_warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -112,7 +105,7 @@ def norms_finite(tensors: list[torch.Tensor]) -> bool:
 
     True proves every value finite (a NaN or inf makes its tensor's norm non-finite); False can also
     mean finite values so large (|x| beyond about 1e19) that the norm overflows, so confirm a False
-    with :func:`~ddpm.train.checkpoint.nonfinite_tensors`. (The max-abs norm would be exact but is
+    with :func:`~ddpm.checkpoint.nonfinite_tensors`. (The max-abs norm would be exact but is
     5 to 12 times slower on the CPU.)
     """
     if not tensors:
@@ -432,10 +425,6 @@ class Trainer:
                                                                                  "cond-drop", step))
         drop = (drop < mc.cond_drop)[self.feed.part].to(y.device)
         return torch.where(drop, torch.full_like(y, int(mc.num_classes or 0)), y)
-
-    def batch_indices(self, step: int) -> torch.Tensor:
-        """Data indices ``[B]`` of global batch ``step`` (B = train.batch_size); see ``BatchFeed``."""
-        return self.feed.indices(step)
 
     def forward_backward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Accumulate gradients of the mean weighted loss over ``optim.grad_accum`` micro-batches.

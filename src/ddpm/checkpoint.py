@@ -7,7 +7,7 @@ A checkpoint is a folder ``ckpt-{step:08d}/`` inside the run folder holding
 - ``state.pt``: optimizer, step, RNG states, data position, counters and the timestep-sampler
   state, saved with ``torch.save`` and read back with ``torch.load(weights_only=True)``, so it
   may only contain tensors and primitive containers,
-- ``config.toml``: the resolved :class:`~ddpm.train.config.RunConfig`,
+- ``config.toml``: the resolved :class:`~ddpm.config.RunConfig`,
 - ``meta.json``: format version, step, an architecture fingerprint, and the size and SHA-256 of
   each of the four files above (format 2; format-1 checkpoints carry no checksums and are
   checked by parsing their files only).
@@ -49,8 +49,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from ddpm.config import RunConfig, config_from_toml, to_toml
 from ddpm.errors import CheckpointError
-from ddpm.train.config import RunConfig, config_from_toml, to_toml
 
 logger = logging.getLogger("ddpm.train")
 

@@ -1,8 +1,10 @@
-"""Seeds derived from tuples, so that everything random in training step k depends on (seed, k) only."""
+"""Seeds derived from tuples, so that everything random in training step k depends on (seed, k) only,
+and sample (or image) i on (seed, i) only, whatever the batch or the process that draws it."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
@@ -18,3 +20,8 @@ def seeded_generator(device: torch.device | str, *parts: object) -> torch.Genera
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(*parts))
     return gen
+
+
+def item_seeds(seed: int, indices: Sequence[int], stream: str = "sample") -> list[int]:
+    """The seed of item i: a function of (seed, stream, i) only, so item i is the same in any batch or process."""
+    return [derive_seed(seed, stream, int(i)) for i in indices]

@@ -1,7 +1,7 @@
 """Training from a configuration, as one library call: ``ddpm.fit(config)``.
 
     import ddpm
-    from ddpm.train import RunConfig, apply_overrides
+    from ddpm.config import RunConfig, apply_overrides
 
     cfg = apply_overrides(RunConfig(), {"data.dataset": "mnist5k", "train.steps": 2000, "optim.lr": 2e-3,
                                         "train.out_dir": "runs/mnist"})
@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from ddpm.build import build_dataset, build_diffusion, build_model, model_spec, resolve_hflip
+from ddpm.config import RunConfig, apply_overrides, validate_config
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.distributed import is_main_process
 from ddpm.errors import ConfigError, DataError
-from ddpm.train import Trainer, validate_config
-from ddpm.train.config import RunConfig, apply_overrides
-from ddpm.train.distributed import is_main_process
 from ddpm.train.run_folder import check_run_folder
+from ddpm.train.trainer import Trainer
 
 logger = logging.getLogger("ddpm")
 
@@ -73,8 +73,8 @@ def grid_callback(out_dir: Path, diffusion: GaussianDiffusion, data_shape: tuple
     """A trainer callback writing ``out_dir/samples/step-XXXXXXXX.png``: samples of the EMA model
     (a grid for images, a scatter over the data for 2-D points), the same seeds every time."""
     from ddpm import viz
-    from ddpm.pipeline import item_seeds
     from ddpm.samplers import sample
+    from ddpm.seeding import item_seeds
 
     def sample_fn(model: nn.Module, step: int) -> None:
         device = next(model.parameters()).device

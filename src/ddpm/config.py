@@ -43,7 +43,7 @@ from ddpm.choices import (  # noqa: E402 - the Literal types must be module glob
     Upsample,
     Variance,
 )
-from ddpm.errors import ConfigError  # noqa: E402,F401 - re-exported: ddpm.train.config.ConfigError
+from ddpm.errors import ConfigError  # noqa: E402,F401 - re-exported: ddpm.config.ConfigError
 
 
 @dataclass
@@ -70,8 +70,7 @@ class DataConfig:
 class ModelConfig:
     """A model preset and optional overrides of its fields (None = the preset's value).
 
-    U-Net fields apply to image data and MLP fields to vector data; :func:`model_overrides`
-    returns the ones that are set.
+    U-Net fields apply to image data and MLP fields to vector data (see :func:`ddpm.build.model_spec`).
     """
 
     preset: str = "auto"  # a name in ddpm.nn.PRESETS / MLP_PRESETS; "auto" picks one from the data
@@ -483,16 +482,6 @@ def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
     nc = config.model.num_classes
     need(nc is None or nc >= 1, f"model.num_classes={nc} must be >= 1")
     per_rank_batch(config, world_size)
-
-
-def model_overrides(model: ModelConfig) -> dict[str, Any]:
-    """The fields of ``model`` that are set (not None), preset excluded, for ``unet_preset``/``mlp_preset``."""
-    return {
-        f.name: getattr(model, f.name)
-        for f in dataclasses.fields(model)
-        if f.name not in ("preset", "data_shape", "class_cond", "num_classes", "class_names", "cond_drop")
-        and getattr(model, f.name) is not None
-    }
 
 
 def per_rank_batch(config: RunConfig, world_size: int) -> tuple[int, int]:
