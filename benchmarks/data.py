@@ -136,8 +136,9 @@ def child_startup(spec: str, prepared_dir: str, image_size: int, batch: int, wor
     """Process start -> first batch of step 0, through the objects a run builds."""
     import torch
 
-    from ddpm.build import build_diffusion, build_model
+    from ddpm.build import build_model
     from ddpm.config import RunConfig, apply_overrides
+    from ddpm.processes import build_process
     from ddpm.train import Trainer
 
     marks = {"imports": process_age()}
@@ -148,8 +149,9 @@ def child_startup(spec: str, prepared_dir: str, image_size: int, batch: int, wor
         "data.dataset": spec, "data.workers": workers, "model.preset": "ddpm-cifar10", "train.batch_size": batch,
         "train.device": "cpu", "train.tensorboard": False, "train.out_dir": str(Path(prepared_dir) / "run"),
     })
-    model, _ = build_model(cfg, tuple(ds.shape))
-    trainer = Trainer(cfg, model, build_diffusion(cfg.diffusion), ds)
+    process = build_process(cfg.diffusion)
+    model, _ = build_model(cfg, tuple(ds.shape), process)
+    trainer = Trainer(cfg, model, process, ds)
     marks["model+trainer"] = process_age()
     x0 = trainer.get_batch(0).x0
     marks["first batch"] = process_age()

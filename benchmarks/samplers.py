@@ -86,7 +86,7 @@ def diffusers_sampler(pipe: Pipeline, name: str, clip: bool) -> Callable[[torch.
     """x_T, NFE -> x_0 with a diffusers scheduler stepping on our network's prediction."""
     import diffusers
 
-    d = pipe.diffusion
+    d = pipe.process
     extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "DPMSolverMultistepScheduler" else {
         "solver_order": 2, "solver_type": "bh2"}
 
@@ -117,7 +117,7 @@ def draw(pipe: Pipeline, config: Config, nfe: int, x_T: torch.Tensor, *, seed: i
             continue
         gens = [torch.Generator().manual_seed(s)
                 for s in item_seeds(seed, range(start, start + x.shape[0]), stream="steps")]
-        out.append(sample(pipe.diffusion, pipe.model, x.shape, sampler=config.sampler, steps=nfe,
+        out.append(sample(pipe.process, pipe.model, x.shape, sampler=config.sampler, steps=nfe,
                           spacing=config.spacing, clip_denoised=clip, generator=gens, noise=x,  # type: ignore[arg-type]
                           **config.options))
     return torch.cat(out).float()

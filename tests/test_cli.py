@@ -119,7 +119,7 @@ def test_bad_input_is_a_clear_error(trained_run: Path, tmp_path: Path, capsys: p
     assert exc.value.code == 2
     # a sampler option that does not apply, or a value the sampler cannot take: an error before anything is written
     for command, flags, message in [("sample", ["--sampler", "ddim", "--churn", "3"], "no option(s) ['churn']"),
-                                    ("eval", ["--sampler", "unipc", "--order", "5"], "order must be 1, 2 or 3")]:
+                                    ("eval", ["--sampler", "unipc", "--order", "5"], "order must be one of 1, 2, 3")]:
         assert main([command, str(trained_run), *flags, "--out", str(tmp_path / command), "--device", "cpu"]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / command).exists()

@@ -63,7 +63,8 @@ def test_labels_and_class_names_come_from_the_data(run: tuple[Path, Path]) -> No
 
 
 def test_label_dropout_replaces_about_cond_drop_of_the_labels(tmp_path: Path) -> None:
-    from ddpm.build import build_dataset, build_diffusion, build_model
+    from ddpm.build import build_dataset, build_model
+    from ddpm.processes import build_process
     from ddpm.train import Trainer
     from ddpm.train.fit import resolve_config
 
@@ -71,8 +72,9 @@ def test_label_dropout_replaces_about_cond_drop_of_the_labels(tmp_path: Path) ->
     cfg = config(data, tmp_path / "r", **{"train.batch_size": 24})
     dataset = build_dataset(cfg.data)
     cfg = resolve_config(cfg, dataset)
-    model, _ = build_model(cfg, tuple(dataset.shape))
-    trainer = Trainer(cfg, model, build_diffusion(cfg.diffusion), dataset)
+    process = build_process(cfg.diffusion)
+    model, _ = build_model(cfg, tuple(dataset.shape), process)
+    trainer = Trainer(cfg, model, process, dataset)
     dropped = torch.cat([trainer.get_batch(k).y == 3 for k in range(100)]).double().mean()
     assert abs(float(dropped) - 0.3) < 4 * (0.3 * 0.7 / 2400) ** 0.5
     true = trainer.feed.get(0).y

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import ddpm
-from ddpm.build import build_diffusion
-from ddpm.config import DiffusionConfig, ModelConfig, RunConfig
+from ddpm.config import ModelConfig, RunConfig
 from ddpm.diffusers_format import DiffusersFormatError, diffusion_from_scheduler, scheduler_config
 from ddpm.nn import UNet, unet_preset
 from ddpm.pipeline import Pipeline
+from ddpm.processes import GaussianConfig, build_process
 from ddpm.seeding import item_seeds
 
 diffusers = pytest.importorskip("diffusers")
@@ -36,11 +36,11 @@ def random_unet(seed: int, *, learned_sigma: bool = False) -> UNet:
 
 
 def make_pipe(schedule: str, prediction: str, T: int, *, variance: str = "fixed_small", seed: int = 0) -> Pipeline:
-    diffusion = DiffusionConfig(schedule=schedule, timesteps=T, prediction=prediction, variance=variance,
+    diffusion = GaussianConfig(schedule=schedule, timesteps=T, prediction=prediction, variance=variance,
                                 loss="hybrid" if variance == "learned_range" else "simple")
     config = RunConfig(diffusion=diffusion, model=ModelConfig(data_shape=(1, 8, 8)))
     return Pipeline(random_unet(seed, learned_sigma=variance == "learned_range"),
-                    build_diffusion(diffusion), config, source=Path("memory"), weights="ema")
+                    build_process(diffusion), config, source=Path("memory"), weights="ema")
 
 
 def generators(seed: int, n: int) -> list[torch.Generator]:
@@ -114,7 +114,7 @@ def test_pipeline_saved_by_diffusers_samples_the_same_here(tmp_path: Path, beta_
                                         prediction_type=prediction_type)
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(tmp_path / "theirs"))
     pipe = ddpm.load(tmp_path / "theirs", device="cpu")
-    assert pipe.diffusion.prediction == {"v_prediction": "v", "epsilon": "eps"}[prediction_type]
+    assert pipe.process.prediction == {"v_prediction": "v", "epsilon": "eps"}[prediction_type]
     assert pipe.config.diffusion.schedule == ("cosine" if beta_schedule == "squaredcos_cap_v2" else "linear")
     torch.testing.assert_close(pipe.sample(3, sampler="ancestral", seed=4), diffusers_loop(tmp_path / "theirs", 3, 4),
                                atol=1e-4, rtol=0)
@@ -166,12 +166,12 @@ def test_import_refuses_what_it_cannot_honour() -> None:
 
 
 def test_scheduler_config_round_trip_keeps_the_betas() -> None:
-    for diffusion in (DiffusionConfig(schedule="linear", timesteps=1000),
-                      DiffusionConfig(schedule="cosine", timesteps=70),
-                      DiffusionConfig(schedule="linear", timesteps=70, prediction="x0", variance="fixed_large")):
+    for diffusion in (GaussianConfig(schedule="linear", timesteps=1000),
+                      GaussianConfig(schedule="cosine", timesteps=70),
+                      GaussianConfig(schedule="linear", timesteps=70, prediction="x0", variance="fixed_large")):
         back = diffusion_from_scheduler(scheduler_config(diffusion, clip_sample=True))
-        ours = build_diffusion(diffusion).schedule.betas
-        torch.testing.assert_close(build_diffusion(back).schedule.betas, ours, rtol=0, atol=0)
+        ours = build_process(diffusion).schedule.betas
+        torch.testing.assert_close(build_process(back).schedule.betas, ours, rtol=0, atol=0)
         assert (back.prediction, back.variance) == (diffusion.prediction, diffusion.variance)
 
 
@@ -179,7 +179,7 @@ def test_mlp_models_are_refused_with_a_clear_error(tmp_path: Path) -> None:
     from ddpm.nn import MLPConfig, MLPDenoiser
 
     config = RunConfig(model=ModelConfig(data_shape=(2,)))
-    pipe = Pipeline(MLPDenoiser(MLPConfig()), build_diffusion(config.diffusion), config,
+    pipe = Pipeline(MLPDenoiser(MLPConfig()), build_process(config.diffusion), config,
                     source=Path("memory"), weights="ema")
     with pytest.raises(DiffusersFormatError, match="only U-Net"):
         pipe.save_pretrained(tmp_path / "x")

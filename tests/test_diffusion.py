@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpm import GaussianDiffusion, make_betas, normal_kl
+from ddpm import GaussianDiffusion, eps_from_x0, make_betas, normal_kl, prediction_target, x0_from_prediction
 from ddpm.distributions import discretized_gaussian_log_likelihood
 from ddpm.tensors import mean_flat
 from ddpm.train.timesteps import LossAwareSampler
@@ -52,17 +52,20 @@ def test_posterior_is_bayes_rule_on_a_grid(t: int) -> None:
     assert var.item() == pytest.approx(grid_var.item(), rel=1e-4)
 
 
-def test_prediction_conversions_round_trip() -> None:
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_prediction_conversions_round_trip(prediction: str) -> None:
     d = GaussianDiffusion(make_betas("cosine", 100))
     x0 = torch.rand(8, 3, 4, 4, dtype=torch.float64) * 2 - 1
     eps = torch.randn_like(x0)
     t = torch.randint(0, 100, (8,))
     x_t = d.q_sample(x0, t, eps)
-    torch.testing.assert_close(d.predict_x0_from_eps(x_t, t, eps), x0)
-    torch.testing.assert_close(d.predict_eps_from_x0(x_t, t, x0), eps)
-    v = d.predict_v(x0, t, eps)
-    torch.testing.assert_close(d.predict_x0_from_v(x_t, t, v), x0)
-    torch.testing.assert_close(d.predict_eps_from_v(x_t, t, v), eps)
+    alpha, sigma = d.alpha_sigma(t, x0)
+    target = prediction_target(prediction, x0, eps, alpha, sigma)
+    torch.testing.assert_close(x0_from_prediction(prediction, target, x_t, alpha, sigma), x0)
+    torch.testing.assert_close(eps_from_x0(x_t, x0, alpha, sigma), eps)
+    if prediction == "v":  # v = alpha eps - sigma x_0, and eps = sigma x_t + alpha v on alpha^2 + sigma^2 = 1
+        torch.testing.assert_close(target, alpha * eps - sigma * x0)
+        torch.testing.assert_close(sigma * x_t + alpha * target, eps)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -72,7 +75,7 @@ def test_true_prediction_gives_posterior_mean(prediction: str) -> None:
     eps = torch.randn_like(x0)
     t = torch.tensor([0, 1, 5, 50, 98, 99])
     x_t = d.q_sample(x0, t, eps)
-    oracle = d.prediction_target(x0, t, eps)
+    oracle = prediction_target(prediction, x0, eps, *d.alpha_sigma(t, x0))
     out = d.p_mean_variance(lambda x, tt: oracle, x_t, t)
     mean, _, log_var = d.q_posterior(x0, x_t, t)
     torch.testing.assert_close(out.mean, mean)

@@ -284,7 +284,8 @@ def test_weight_check_after_each_update_is_exact(tmp_path: Path) -> None:
     with torch.no_grad():
         trainer.model.inp.weight[0, 0, 0, 0] = 1e20  # finite, but its squared norm overflows float32
     assert not norms_finite(list(trainer.model.parameters()))
-    stats = StepStats(step=1, loss=1.0, mse=1.0, grad_norm=1.0, lr=1.0, applied=True, mse_sum_by_t=[], count_by_t=[])
+    stats = StepStats(step=1, loss=1.0, error=1.0, grad_norm=1.0, lr=1.0, applied=True, error_sum_by_t=[],
+                      count_by_t=[])
     trainer.check_weights_finite(stats)  # a false alarm of the fast check is confirmed exactly: no stop
     with torch.no_grad():
         trainer.model.out.bias[0] = float("nan")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ddpm import GaussianDiffusion, make_betas
-from ddpm.diffusion import eps_from_x0, x0_from_prediction
 from ddpm.guidance import Guided
 from ddpm.nn import MLPConfig, MLPDenoiser, UNet, unet_preset
+from ddpm.processes.gaussian import eps_from_x0, x0_from_prediction
 
 TINY = dict(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
             image_size=8, num_groups=4)

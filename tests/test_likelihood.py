@@ -99,11 +99,15 @@ def test_bound_rejects_bad_data() -> None:
     d = GaussianDiffusion(make_betas("linear", 10 * 10))
     model = lambda x, t: x  # noqa: E731
     with pytest.raises(ValueError, match="non-finite"):
-        nll(d, model, torch.tensor([[float("nan")]]))
+        nll(d, model, torch.tensor([[[[float("nan")]]]]))
     with pytest.raises(ValueError, match=r"\[-1, 1\].*\[0, 2\]"):
-        nll(d, model, torch.tensor([[0.0, 2.0]]))
+        nll(d, model, torch.tensor([[[[0.0, 2.0]]]]))
+    with pytest.raises(ValueError, match=r"8-bit images \[B, C, H, W\]; got data of shape \[1, 2\]"):
+        nll(d, model, torch.tensor([[0.0, 0.5]]))  # vectors have no 256-level decoder
     with pytest.raises(ValueError, match="even num_terms"):
-        nll_estimate(d, model, torch.zeros(1, 1), 3, method="stratified")
+        nll_estimate(d, model, torch.zeros(1, 1, 1, 1), 3, method="stratified")
+    with pytest.raises(ValueError, match="unknown method 'halton'"):
+        nll_estimate(d, model, torch.zeros(1, 1, 1, 1), 4, method="halton")  # type: ignore[arg-type]
 
 
 def test_per_example_generators_make_the_bound_independent_of_batching() -> None:

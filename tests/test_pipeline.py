@@ -6,17 +6,18 @@ import pytest
 import torch
 
 import ddpm
-from ddpm.build import build_diffusion, resolve_hflip
-from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
+from ddpm.build import resolve_hflip
+from ddpm.config import DataConfig, ModelConfig, RunConfig
 from ddpm.data import ArrayDataset
 from ddpm.errors import CheckpointError, UserError
 from ddpm.nn import MLPConfig, MLPDenoiser
 from ddpm.pipeline import Pipeline
+from ddpm.processes import GaussianConfig, build_process
 
 
 def vector_pipe(model: torch.nn.Module) -> Pipeline:
-    config = RunConfig(model=ModelConfig(data_shape=(2,)), diffusion=DiffusionConfig(schedule="cosine", timesteps=20))
-    return Pipeline(model, build_diffusion(config.diffusion), config, source=Path("memory"), weights="ema")
+    config = RunConfig(model=ModelConfig(data_shape=(2,)), diffusion=GaussianConfig(schedule="cosine", timesteps=20))
+    return Pipeline(model, build_process(config.diffusion), config, source=Path("memory"), weights="ema")
 
 
 def test_sample_i_does_not_depend_on_the_batch_size() -> None:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ddpm.config import RunConfig, apply_overrides
-from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError
 from ddpm.nn import UNet, UNetConfig
 from ddpm.nn.policy import (
@@ -21,6 +20,7 @@ from ddpm.nn.policy import (
     resolve_policy,
 )
 from ddpm.nn.unet import AttentionBlock, Upsample
+from ddpm.processes import GaussianDiffusion
 from ddpm.schedules import make_betas
 from ddpm.train.trainer import Trainer
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from ddpm import GaussianDiffusion, make_betas, sample
-from ddpm.samplers import SamplerState, ancestral_step, ddim_step, make_grid
+from ddpm.samplers import SamplerState, make_grid, make_options
+from ddpm.samplers.ancestral import ancestral_step
+from ddpm.samplers.ddim import ddim_step
 
 
 def point_mass_denoiser(d: GaussianDiffusion, point: torch.Tensor):
@@ -18,8 +20,9 @@ def point_mass_denoiser(d: GaussianDiffusion, point: torch.Tensor):
     return model
 
 
-def state(chain: GaussianDiffusion, model, seed: int, **options) -> SamplerState:
-    return SamplerState(chain, model, torch.Generator().manual_seed(seed), clip_denoised=False, options=options)
+def state(chain: GaussianDiffusion, model, seed: int, sampler: str = "ancestral", **options) -> SamplerState:
+    return SamplerState(chain, model, torch.Generator().manual_seed(seed), clip_denoised=False,
+                        options=make_options(sampler, options))
 
 
 def test_ddim_eta1_equals_ancestral_fixed_small_step_by_step() -> None:
@@ -28,12 +31,12 @@ def test_ddim_eta1_equals_ancestral_fixed_small_step_by_step() -> None:
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     for step in (99, 50, 1, 0):
         a, _ = ancestral_step(state(d, model, step), x, step)
-        b, _ = ddim_step(state(d, model, step, eta=1.0), x, step)
+        b, _ = ddim_step(state(d, model, step, "ddim", eta=1.0), x, step)
         torch.testing.assert_close(a, b)
     # also on a respaced chain, where the step is 20 original steps long, and on fractional timesteps
     for r in (d.respaced(5), d.respaced([0.0, 10.5, 33.25, 99.0])):
         a, _ = ancestral_step(state(r, model, 1), x, 3)
-        b, _ = ddim_step(state(r, model, 1, eta=1.0), x, 3)
+        b, _ = ddim_step(state(r, model, 1, "ddim", eta=1.0), x, 3)
         torch.testing.assert_close(a, b)
 
 
@@ -90,18 +93,18 @@ def test_clip_keeps_x0_in_range_and_errors() -> None:
 def test_grids_have_k_distinct_points_in_range(spacing: str) -> None:
     d = GaussianDiffusion(make_betas("cosine", 1000))
     for k in (1, 2, 7, 50, 999):
-        grid = make_grid(d.schedule, k, spacing)
+        grid = make_grid(d.num_timesteps, k, spacing, schedule=d.schedule)
         assert grid.shape == (k,) and grid.dtype == torch.float64
         assert grid.min() >= 0 and grid.max() <= 999 and bool((grid.diff() > 0).all())
-    assert make_grid(d.schedule, 10, "trailing")[-1] == 999 and make_grid(d.schedule, 10, "leading")[0] == 0
+    assert make_grid(1000, 10, "trailing")[-1] == 999 and make_grid(1000, 10, "leading")[0] == 0
 
 
 def test_log_snr_and_karras_grids_are_uniform_in_their_variable() -> None:
     sched = GaussianDiffusion(make_betas("linear", 1000)).schedule
-    lam = sched.log_snr_at(make_grid(sched, 12, "log-snr"))
+    lam = sched.log_snr_at(make_grid(sched.num_timesteps, 12, "log-snr", schedule=sched))
     torch.testing.assert_close(lam.diff(), torch.full((11,), float(lam.diff().mean()), dtype=torch.float64))
     torch.testing.assert_close(lam[[0, -1]], sched.log_snr()[[0, -1]])
-    sigma = torch.exp(-0.5 * sched.log_snr_at(make_grid(sched, 12, "karras")))
+    sigma = torch.exp(-0.5 * sched.log_snr_at(make_grid(sched.num_timesteps, 12, "karras", schedule=sched)))
     root = sigma ** (1 / 7)
     torch.testing.assert_close(root.diff(), torch.full((11,), float(root.diff().mean()), dtype=torch.float64))
 

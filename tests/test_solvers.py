@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from ddpm import GaussianDiffusion, make_betas
-from ddpm.samplers import SAMPLERS, SamplerState, ddim_step, make_grid, nfe_budget, sample, sampling_chain
+from ddpm.samplers import SAMPLERS, SamplerState, make_grid, make_options, nfe_budget, sample, sampling_chain
+from ddpm.samplers.ddim import ddim_step
 from ddpm.samplers.dpm_solver import dpm_solver_step
 
 MU = torch.tensor([0.3, -0.5, 0.1, 0.0])
@@ -136,7 +137,7 @@ def test_matches_diffusers_on_a_random_network(prediction: str, sampler: str, op
             num_train_timesteps=1000, trained_betas=d.schedule.betas.numpy(), prediction_type=DIFFUSERS_PREDICTION[
                 prediction], timestep_spacing="linspace", **reference[1])
         scheduler.set_timesteps(k)
-        assert torch.equal(scheduler.timesteps.flip(0).double(), make_grid(d.schedule, k, "uniform"))
+        assert torch.equal(scheduler.timesteps.flip(0).double(), make_grid(d.num_timesteps, k, "uniform"))
         with torch.no_grad():
             theirs = run_diffusers(scheduler, net, x_T)
             ours = sample(d, net, x_T.shape, sampler=sampler, steps=k, spacing="uniform", noise=x_T,
@@ -186,12 +187,12 @@ def test_dpm_solver_first_order_is_ddim_and_heun_at_two_evaluations_is_ddim() ->
     x = torch.randn(4, 2, 3, 3)
     chain = d.respaced([0.0, 10.5, 33.25, 99.0])
     for index in (3, 2, 1, 0):
-        a, _ = ddim_step(SamplerState(chain, model, clip_denoised=False), x, index)
+        a, _ = ddim_step(SamplerState(chain, model, clip_denoised=False, options=make_options("ddim")), x, index)
         b, _ = dpm_solver_step(SamplerState(chain, model, clip_denoised=False), x, index, order=1)
         torch.testing.assert_close(a, b)
     # heun with 2 or 3 evaluations takes only Euler steps in sigma-hat on its 2 or 3 points: DDIM's steps
     for k in (2, 3):
-        grid = make_grid(d.schedule, k, "karras").tolist()
+        grid = make_grid(d.num_timesteps, k, "karras", schedule=d.schedule).tolist()
         kw = dict(noise=x, clip_denoised=False)
         torch.testing.assert_close(sample(d, model, x.shape, sampler="heun", steps=k, spacing="karras", **kw),
                                    sample(d, model, x.shape, sampler="ddim", steps=grid, **kw), rtol=2e-5, atol=1e-5)
@@ -216,7 +217,7 @@ def test_off_grid_evaluation_agrees_with_the_grid() -> None:
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for index in (4, 2, 0):
-            on, off = state.denoise(x, index), state.denoise_at(x, state.log_snr(index))
+            on, off = state.denoise(x, index), state.denoise_at(x, state.lam(index))
             torch.testing.assert_close(off.x0, on.x0, atol=1e-5, rtol=1e-5)
 
 
@@ -241,8 +242,14 @@ def test_every_sampler_seeds_per_example_clips_and_ignores_a_learned_variance(sa
 
 def test_solver_option_errors() -> None:
     d = GaussianDiffusion(make_betas("linear", 50))
-    with pytest.raises(ValueError, match="unipc order must be 1, 2 or 3, got 4"):
+    with pytest.raises(ValueError, match="sampler 'unipc': order must be one of 1, 2, 3, got 4"):
         sample(d, lambda x, t: x, (1, 1), sampler="unipc", steps=5, order=4)
+    with pytest.raises(ValueError, match="sampler 'unipc': order must be an integer, got 2.5"):
+        sample(d, lambda x, t: x, (1, 1), sampler="unipc", steps=5, order=2.5)
+    with pytest.raises(ValueError, match="sampler 'ddim': eta must be >= 0, got -0.5"):
+        sample(d, lambda x, t: x, (1, 1), sampler="ddim", steps=5, eta=-0.5)
+    with pytest.raises(ValueError, match=r"sampler 'dpm\+\+2m' has no option\(s\) \['eta'\]; its options: none"):
+        sample(d, lambda x, t: x, (1, 1), sampler="dpm++2m", steps=5, eta=0.5)
     with pytest.raises(ValueError, match=r"'heun' with 120 network evaluations needs 61 timesteps, but T=50"):
         sample(d, lambda x, t: x, (1, 1), sampler="heun", steps=120)
 
@@ -253,7 +260,7 @@ def test_lambda_and_sigma_grids_start_at_sigma_max_where_the_schedule_goes_beyon
     for schedule, top in (("cosine", SIGMA_MAX), ("linear", None)):  # cosine reaches 20000, linear 157
         sched = GaussianDiffusion(make_betas(schedule, 1000)).schedule
         for spacing in ("log-snr", "karras"):
-            grid = make_grid(sched, 10, spacing)
+            grid = make_grid(sched.num_timesteps, 10, spacing, schedule=sched)
             sigma = torch.exp(-0.5 * sched.log_snr_at(grid))
             expected = top if top is not None else float(torch.exp(-0.5 * sched.log_snr()[-1]))
             assert grid[0] == 0 and abs(float(sigma[-1]) / expected - 1) < 1e-9, (schedule, spacing, grid)

@@ -2,10 +2,11 @@
 
 The mathematics lives in small modules named after what they hold: :mod:`ddpm.schedules`
 (betas and derived coefficients), :mod:`ddpm.distributions` (KL, discretised decoder),
-:mod:`ddpm.diffusion` (forward process, posterior, reverse process, losses),
-:mod:`ddpm.samplers` (a registry of samplers and time grids) and :mod:`ddpm.likelihood` (the bound
-in bits/dim); shared tensor helpers are in :mod:`ddpm.tensors` and every closed set of choices in
-:mod:`ddpm.choices`. Networks are in
+:mod:`ddpm.processes` (what a diffusion process is to the library, and the processes: the
+Gaussian diffusion of Ho et al. in :mod:`ddpm.processes.gaussian`), :mod:`ddpm.samplers` (a
+registry of samplers and time grids) and :mod:`ddpm.likelihood` (the bound in bits/dim); shared
+tensor helpers are in :mod:`ddpm.tensors` and every closed set of choices in :mod:`ddpm.choices`.
+The run configuration is :mod:`ddpm.config`, checkpoints :mod:`ddpm.checkpoint`. Networks are in
 :mod:`ddpm.nn`, data in :mod:`ddpm.data`, training in :mod:`ddpm.train`, metrics in
 :mod:`ddpm.eval`, pictures in :mod:`ddpm.viz` and the command line in :mod:`ddpm.cli`.
 
@@ -14,13 +15,25 @@ The run API: :func:`ddpm.fit` trains from a configuration and :func:`ddpm.load` 
 Inference never loads the trainer: ``ddpm.fit`` (and :mod:`ddpm.train`) is imported on first use.
 """
 
-from ddpm.diffusion import GaussianDiffusion, PMeanVariance, TrainingLosses, eps_from_x0, x0_from_prediction
+from ddpm.config import RunConfig
 from ddpm.distributions import discretized_gaussian_log_likelihood, normal_kl
 from ddpm.likelihood import NLLEstimate, NLLResult, nll, nll_estimate
 from ddpm.nn import MLPConfig, MLPDenoiser, UNet, UNetConfig, load_pretrained, mlp_preset, unet_preset
 from ddpm.pipeline import Bound, Pipeline, load
-from ddpm.samplers import SAMPLERS, sample
-from ddpm.schedules import Schedule, make_betas, respace_betas, space_timesteps
+from ddpm.processes import (
+    PROCESSES,
+    DiffusionProcess,
+    GaussianConfig,
+    GaussianDiffusion,
+    PMeanVariance,
+    ProcessConfig,
+    TrainingLosses,
+    build_process,
+    register_process,
+)
+from ddpm.processes.gaussian import eps_from_x0, prediction_target, x0_from_prediction
+from ddpm.samplers import SAMPLERS, register_sampler, sample
+from ddpm.schedules import SCHEDULES, Schedule, make_betas, register_schedule, respace_betas, space_timesteps
 
 __version__ = "0.1.0"
 
@@ -41,28 +54,39 @@ __all__ = [
     "TrainResult",
     "fit",
     "load",
+    "RunConfig",
+    "PROCESSES",
+    "DiffusionProcess",
+    "ProcessConfig",
+    "GaussianConfig",
     "GaussianDiffusion",
+    "PMeanVariance",
+    "TrainingLosses",
+    "build_process",
+    "register_process",
+    "eps_from_x0",
+    "prediction_target",
+    "x0_from_prediction",
+    "SCHEDULES",
+    "Schedule",
+    "make_betas",
+    "register_schedule",
+    "respace_betas",
+    "space_timesteps",
+    "SAMPLERS",
+    "register_sampler",
+    "sample",
+    "NLLEstimate",
+    "NLLResult",
+    "nll",
+    "nll_estimate",
+    "discretized_gaussian_log_likelihood",
+    "normal_kl",
     "MLPConfig",
     "MLPDenoiser",
     "UNet",
     "UNetConfig",
-    "NLLEstimate",
-    "NLLResult",
-    "PMeanVariance",
-    "SAMPLERS",
-    "Schedule",
-    "TrainingLosses",
-    "discretized_gaussian_log_likelihood",
-    "eps_from_x0",
     "load_pretrained",
-    "make_betas",
     "mlp_preset",
-    "nll",
-    "nll_estimate",
-    "normal_kl",
-    "respace_betas",
-    "sample",
-    "space_timesteps",
     "unet_preset",
-    "x0_from_prediction",
 ]

@@ -1,4 +1,5 @@
-"""From a :class:`~ddpm.config.RunConfig` to the objects a run needs: data, diffusion, network.
+"""From a :class:`~ddpm.config.RunConfig` to the objects a run needs: data and network (the process is
+:func:`ddpm.processes.build_process` of its ``[diffusion]`` table).
 
 The one place where configuration meets construction, so the trainer, the CLI and a checkpoint
 reader all build the same thing from the same config.
@@ -12,13 +13,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
+from ddpm.config import DataConfig, ModelConfig, RunConfig
 from ddpm.data import ArrayDataset, LazyImages, load_dataset
 from ddpm.data.hf import HFStream
-from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError, DataError, UserError
 from ddpm.nn import MLP_PRESETS, PRESETS, MLPDenoiser, UNet, mlp_preset, unet_preset
-from ddpm.schedules import make_betas
+from ddpm.processes import DiffusionProcess
 
 UNET_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                "scale_shift_norm", "num_groups", "dropout")
@@ -76,22 +76,6 @@ def resolve_hflip(cfg: DataConfig, dataset: ArrayDataset) -> bool:
     return name not in UNFLIPPABLE_DATASETS
 
 
-def build_diffusion(cfg: DiffusionConfig) -> GaussianDiffusion:
-    """The diffusion ``cfg`` describes (explicit ``betas`` win over the named ``schedule``)."""
-    try:
-        betas = make_betas(cfg.schedule if cfg.betas is None else cfg.betas, cfg.timesteps)
-        return GaussianDiffusion(
-            betas,
-            prediction=cfg.prediction,
-            variance=cfg.variance,
-            loss=cfg.loss,
-            loss_weighting=cfg.loss_weighting,
-            min_snr_gamma=cfg.min_snr_gamma,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"[diffusion] {exc}") from exc
-
-
 def auto_preset(data_shape: tuple[int, ...]) -> str:
     """The preset that fits data of this per-example shape."""
     if len(data_shape) == 1:
@@ -110,8 +94,12 @@ def auto_preset(data_shape: tuple[int, ...]) -> str:
     return "ddpm-celebahq256"
 
 
-def model_spec(cfg: ModelConfig, data_shape: tuple[int, ...], *, learned_sigma: bool) -> tuple[str, dict[str, Any]]:
-    """The resolved preset name and the full architecture dict of the network for this data."""
+def model_spec(cfg: ModelConfig, data_shape: tuple[int, ...], *, out_channels: int) -> tuple[str, dict[str, Any]]:
+    """The resolved preset name and the full architecture dict of the network for this data.
+
+    ``out_channels``: what the process needs the network to output per example, in channels (images)
+    or dimensions (vectors): :meth:`~ddpm.processes.protocol.DiffusionProcess.output_channels`.
+    """
     preset = auto_preset(data_shape) if cfg.preset == "auto" else cfg.preset
     if cfg.class_cond and cfg.num_classes is None:
         raise ConfigError("model.class_cond is set but model.num_classes is not (ddpm.fit takes it from the data)")
@@ -121,8 +109,7 @@ def model_spec(cfg: ModelConfig, data_shape: tuple[int, ...], *, learned_sigma: 
             raise ConfigError(f"model preset {preset!r} is for vector data, but the data has shape {data_shape}")
         overrides = {k: getattr(cfg, k) for k in MLP_FIELDS if getattr(cfg, k) is not None}
         try:
-            arch = mlp_preset(preset, dim=data_shape[0], learned_sigma=learned_sigma, **classes,
-                              **overrides).to_dict()
+            arch = mlp_preset(preset, dim=data_shape[0], out_dim=out_channels, **classes, **overrides).to_dict()
         except ValueError as exc:
             raise ConfigError(f"[model] {exc}") from exc
         return preset, {"kind": "mlp", **arch}
@@ -139,7 +126,7 @@ def model_spec(cfg: ModelConfig, data_shape: tuple[int, ...], *, learned_sigma: 
         levels = [h // 2**i for i in range(len(base.channel_mult))]
         overrides["attention_resolutions"] = tuple(r for r in levels if r <= 16)[:1]
     try:
-        arch = unet_preset(preset, in_channels=c, image_size=h, learned_sigma=learned_sigma, **classes,
+        arch = unet_preset(preset, in_channels=c, out_channels=out_channels, image_size=h, **classes,
                            **overrides).to_dict()
     except ValueError as exc:  # e.g. num_groups not dividing a width, an image size the levels cannot halve
         raise ConfigError(f"[model] {exc}") from exc
@@ -159,8 +146,9 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     raise ConfigError(f"unknown model kind {kind!r} in the architecture description")
 
 
-def build_model(cfg: RunConfig, data_shape: tuple[int, ...]) -> tuple[nn.Module, dict[str, Any]]:
-    """The network for ``cfg`` and data of ``data_shape``, with its architecture dict."""
-    _, spec = model_spec(cfg.model, data_shape, learned_sigma=cfg.diffusion.variance == "learned_range")
+def build_model(cfg: RunConfig, data_shape: tuple[int, ...], process: DiffusionProcess) -> tuple[nn.Module,
+                                                                                                dict[str, Any]]:
+    """The network for ``cfg``, ``process`` and data of ``data_shape``, with its architecture dict."""
+    _, spec = model_spec(cfg.model, data_shape, out_channels=process.output_channels(data_shape[0]))
     torch.manual_seed(cfg.train.seed)  # initial weights follow the run's seed
     return model_from_spec(spec), spec

@@ -1,5 +1,9 @@
 """Every closed set of choices of the library, declared once.
 
+Open sets, which code outside the package may extend, are registries owned by their module:
+schedules (:data:`ddpm.schedules.SCHEDULES`), samplers (:data:`ddpm.samplers.SAMPLERS`), processes
+(:data:`ddpm.processes.PROCESSES`) and data sets (:data:`ddpm.data.DATASETS`).
+
 Each set is a ``Literal`` type (for signatures and the typed run configuration) and the tuple of
 its values (for validation messages and command-line ``choices``), taken from the same ``Literal``
 so the two cannot drift. :func:`check_choice` is the one validator.
@@ -11,7 +15,6 @@ from typing import Literal, get_args
 
 from ddpm.errors import UserError
 
-ScheduleName = Literal["linear", "cosine"]
 Prediction = Literal["eps", "x0", "v"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["simple", "vlb", "hybrid"]
@@ -27,8 +30,11 @@ Toggle = Literal["auto", "on", "off"]
 EMAWarmup = Literal["none", "ratio", "power"]
 SampleFormat = Literal["grid", "png", "npz"]  # a grid PNG, one PNG per sample, samples.npz
 Loader = Literal["auto", "memory", "stream"]
+EstimateMethod = Literal["stratified", "importance"]  # how ddpm.nll_estimate draws its timesteps
+Split = Literal["train", "test"]  # a data set's two splits
+Features = Literal["auto", "classifier", "inception"]  # the feature network of the eval card's distances
+Spacing = Literal["linspace", "uniform", "leading", "trailing", "log-snr", "karras"]  # samplers' time grids
 
-SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 VARIANCES: tuple[str, ...] = get_args(Variance)
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
@@ -44,6 +50,10 @@ TOGGLES: tuple[str, ...] = get_args(Toggle)
 EMA_WARMUPS: tuple[str, ...] = get_args(EMAWarmup)
 SAMPLE_FORMATS: tuple[str, ...] = get_args(SampleFormat)
 LOADERS: tuple[str, ...] = get_args(Loader)
+ESTIMATE_METHODS: tuple[str, ...] = get_args(EstimateMethod)
+SPLITS: tuple[str, ...] = get_args(Split)
+FEATURES: tuple[str, ...] = get_args(Features)
+SPACINGS: tuple[str, ...] = get_args(Spacing)
 
 
 def check_choice(name: str, value: object, valid: tuple[str, ...] | object) -> None:

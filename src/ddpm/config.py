@@ -1,10 +1,12 @@
 """Typed run configuration: one nested dataclass tree, the single source of defaults.
 
 A run is described by a :class:`RunConfig` with six sections (``data``, ``model``, ``diffusion``,
-``optim``, ``ema``, ``train``). It is read from TOML with :func:`load_config`, changed from the
-command line with :func:`apply_overrides` (dotted keys such as ``"train.steps"``), checked by
-:func:`validate_config`, and written back with :func:`to_toml` beside every checkpoint, so a
-checkpoint always says how it was made.
+``optim``, ``ema``, ``train``). The ``diffusion`` section is the table of the run's process: its
+``process`` field names a registered process (:mod:`ddpm.processes`) and the class of the table,
+e.g. :class:`~ddpm.processes.gaussian.GaussianConfig` (the default). It is read from TOML with
+:func:`load_config`, changed from the command line with :func:`apply_overrides` (dotted keys such
+as ``"train.steps"``), checked by :func:`validate_config`, and written back with :func:`to_toml`
+beside every checkpoint, so a checkpoint always says how it was made.
 
 TOML has no null: an ``Optional`` field that is ``None`` is simply left out of the file, which is
 why every ``Optional`` field defaults to ``None``.
@@ -33,17 +35,12 @@ from ddpm.choices import (  # noqa: E402 - the Literal types must be module glob
     Device,
     EMAWarmup,
     Loader,
-    LossType,
-    LossWeighting,
     MemoryFormat,
-    Prediction,
-    ScheduleName,
-    TimestepSampling,
     Toggle,
     Upsample,
-    Variance,
 )
-from ddpm.errors import ConfigError  # noqa: E402,F401 - re-exported: ddpm.config.ConfigError
+from ddpm.errors import ConfigError  # noqa: E402 - re-exported: ddpm.config.ConfigError
+from ddpm.processes import GaussianConfig, ProcessConfig, process_entry  # noqa: E402
 
 
 @dataclass
@@ -89,22 +86,6 @@ class ModelConfig:
     num_classes: int | None = None  # classes of a class-conditional network; set from the data by `ddpm train`
     class_names: tuple[str, ...] | None = None  # the name of each class (folders: sub-folder names), from the data
     cond_drop: float = 0.1  # class-conditional training: share of labels replaced by the null class
-
-
-@dataclass
-class DiffusionConfig:
-    """The forward process and the training objective."""
-
-    schedule: ScheduleName = "linear"  # beta schedule (ddpm.make_betas)
-    timesteps: int = 1000  # T
-    prediction: Prediction = "eps"  # what the network predicts: eps, x0 or v
-    variance: Variance = "fixed_small"  # reverse-process variance
-    loss: LossType = "simple"
-    timestep_sampling: TimestepSampling = "uniform"  # which t training draws (the trainer's sampler)
-    loss_weighting: LossWeighting = "none"
-    min_snr_gamma: float = 5.0
-    betas: tuple[float, ...] | None = None  # explicit beta_1..beta_T; when set it replaces `schedule`
-    clip_denoised: bool | None = None  # clamp predicted x_0 to [-1, 1] when sampling; None: images yes, vectors no
 
 
 @dataclass
@@ -162,7 +143,7 @@ class TrainConfig:
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    diffusion: ProcessConfig = field(default_factory=GaussianConfig)  # the table of diffusion.process
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -205,6 +186,8 @@ def _type_name(tp: Any) -> str:
         return f"{_type_name(inner)} or none"
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is dict:
+        return "a table of names and numbers (name=value,...)"
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -232,6 +215,11 @@ def _parse_string(text: str, tp: Any) -> Any:
         parts = [p for p in text.replace("[", "").replace("]", "").replace("(", "").replace(")", "")
                  .split(",") if p.strip()]
         return [_parse_scalar(p.strip()) for p in parts]
+    if typing.get_origin(tp) is dict:  # "s=0.01,max_beta=0.99"
+        pairs = [p.split("=", 1) for p in text.replace("{", "").replace("}", "").split(",") if p.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(text)
+        return {k.strip(): _parse_scalar(v.strip()) for k, v in pairs}
     return _parse_scalar(text.strip())
 
 
@@ -276,6 +264,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise bad()
         return value
+    if typing.get_origin(inner) is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        key_type, value_type = typing.get_args(inner)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if typing.get_origin(inner) is tuple:
         if not isinstance(value, (list, tuple)):
             raise bad()
@@ -299,10 +292,10 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> RunConf
         raise ConfigError(f"{source}: unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
     sections = {}
     for f in dataclasses.fields(RunConfig):
-        cls = f.default_factory  # type: ignore[misc]
         values = data.get(f.name, {})
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{f.name}] must be a table, got {values!r}")
+        cls = section_class(f.name, values)
         hints = _section_types(cls)
         unknown = sorted(set(values) - set(hints))
         if unknown:
@@ -311,6 +304,17 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> RunConf
         kwargs = {k: _coerce(v, hints[k], f"{f.name}.{k}") for k, v in values.items()}
         sections[f.name] = cls(**kwargs)
     return RunConfig(**sections)
+
+
+def section_class(section: str, values: dict[str, Any]) -> type[Any]:
+    """The dataclass of ``section`` whose table holds ``values``: for ``diffusion``, that of its ``process``."""
+    if section == "diffusion":
+        name = values.get("process", ProcessConfig.process)
+        if not isinstance(name, str):
+            raise ConfigError(f"diffusion.process={name!r} is not valid: expected the name of a process")
+        return process_entry(name).config
+    factory = next(f for f in dataclasses.fields(RunConfig) if f.name == section).default_factory
+    return factory  # type: ignore[return-value]  # every other section's factory is its class
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -335,13 +339,17 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     ``"true"``, ``"none"``); ``None`` values are ignored, so unset CLI flags can be passed through.
     """
     data = config_to_dict(config)
+    process = overrides.get("diffusion.process")
+    if process is not None and process != config.diffusion.process:  # another process: its own table
+        common = {f.name for f in dataclasses.fields(ProcessConfig)}
+        data["diffusion"] = {k: v for k, v in data["diffusion"].items() if k in common} | {"process": process}
     for key, value in overrides.items():
         if value is None:
             continue
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
             raise ConfigError(f"override {key!r}: expected 'section.key' with section in {list(SECTIONS)}")
-        hints = _section_types(type(getattr(config, section)))
+        hints = _section_types(section_class(section, data[section]))
         if name not in hints:
             raise ConfigError(f"override {key!r}: unknown key; valid keys in [{section}]: {sorted(hints)}")
         if isinstance(value, str) and hints[name] is not str:
@@ -360,11 +368,17 @@ def config_to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for section in SECTIONS:
         obj = getattr(config, section)
-        out[section] = {
-            f.name: list(v) if isinstance(v := getattr(obj, f.name), tuple) else v
-            for f in dataclasses.fields(obj)
-        }
+        out[section] = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     return out
+
+
+def _plain(value: Any) -> Any:
+    """A field value as plain data: tuples become lists, tables are copied."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
 
 
 def _toml_value(value: Any) -> str:
@@ -382,6 +396,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)  # a JSON string is a valid TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table keeps each section one flat table
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")
 
 
@@ -416,10 +432,10 @@ def hyperparameter_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[An
     """``{"optim.lr": (old, new), ...}``: the fields that differ, except those in :data:`RUN_BOOKKEEPING`."""
     a, b = config_to_dict(old), config_to_dict(new)
     return {
-        f"{section}.{key}": (a[section][key], b[section][key])
+        f"{section}.{key}": (a[section].get(key), b[section].get(key))
         for section in SECTIONS
-        for key in a[section]
-        if a[section][key] != b[section][key] and f"{section}.{key}" not in RUN_BOOKKEEPING
+        for key in dict.fromkeys([*a[section], *b[section]])  # a changed process has other keys
+        if a[section].get(key) != b[section].get(key) and f"{section}.{key}" not in RUN_BOOKKEEPING
     }
 
 
@@ -431,7 +447,7 @@ def _nonfinite_fields(config: RunConfig) -> list[str]:
     bad = []
     for section, values in config_to_dict(config).items():
         for key, value in values.items():
-            items = value if isinstance(value, list) else [value]
+            items = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
             if any(isinstance(v, float) and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX) for v in items):
                 bad.append(f"{section}.{key}={value}")
     return bad
@@ -439,7 +455,7 @@ def _nonfinite_fields(config: RunConfig) -> list[str]:
 
 def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
     """Check ranges and divisibility; raise :class:`ConfigError` naming the offending key."""
-    tr, op, ema, df = config.train, config.optim, config.ema, config.diffusion
+    tr, op, ema = config.train, config.optim, config.ema
 
     def need(cond: bool, message: str) -> None:
         if not cond:
@@ -465,10 +481,7 @@ def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
     need(0 <= ema.decay < 1, f"ema.decay={ema.decay} must lie in [0, 1)")
     need(ema.inv_gamma > 0, f"ema.inv_gamma={ema.inv_gamma} must be > 0")
     need(ema.power > 0, f"ema.power={ema.power} must be > 0")
-    need(df.timesteps >= 1, f"diffusion.timesteps={df.timesteps} must be >= 1")
-    need(df.betas is None or len(df.betas) == df.timesteps,
-         f"diffusion.betas has {len(df.betas or ())} values but diffusion.timesteps={df.timesteps}")
-    need(df.min_snr_gamma > 0, f"diffusion.min_snr_gamma={df.min_snr_gamma} must be > 0")
+    config.diffusion.validate()
     for name in ("image_size", "channels", "num_points"):
         value = getattr(config.data, name)
         need(value is None or value >= 1, f"data.{name}={value} must be >= 1")

@@ -89,9 +89,9 @@ def forward_strip(pipe: Pipeline, path: Path) -> Path:
     """Four held-out digits dissolving into static under the forward chain."""
     test = build_dataset(pipe.config.data, "test")
     x0 = test.get_batch(torch.arange(4))
-    T = pipe.diffusion.num_timesteps
+    T = pipe.process.num_timesteps
     ts = [0, T // 50, T // 10, T // 5, 2 * T // 5, 3 * T // 5, 4 * T // 5, T - 1]
-    frames = viz.forward_chain(pipe.diffusion, x0, ts)
+    frames = viz.forward_chain(pipe.process, x0, ts)
     return viz.save_strip(frames, path, labels=["x_0"] + [f"t={t + 1}" for t in ts])
 
 

@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
-from ddpm.config import DiffusionConfig
 from ddpm.errors import UserError
 from ddpm.nn import UNet, load_pretrained
 from ddpm.nn.pretrained import NULL_CLASS_KEY, config_to_diffusers, to_diffusers_state_dict
-from ddpm.schedules import make_betas
+from ddpm.processes import GaussianConfig
+from ddpm.schedules import make_betas, make_schedule
 
 DIFFUSERS_VERSION = "0.25.0"  # the oldest diffusers whose config format we write and have tested against
 PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -81,7 +81,7 @@ class PipelineParts:
     """What a diffusers pipeline folder holds, in our terms."""
 
     model: UNet
-    diffusion: DiffusionConfig  # with clip_denoised set from the scheduler's clip_sample
+    diffusion: GaussianConfig  # with clip_denoised set from the scheduler's clip_sample
     data_shape: tuple[int, int, int]
     scheduler_class: str
 
@@ -97,15 +97,21 @@ def is_pipeline_folder(path: str | Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------- export
-def scheduler_config(diffusion: DiffusionConfig, *, clip_sample: bool) -> dict[str, Any]:
+def scheduler_config(diffusion: GaussianConfig, *, clip_sample: bool) -> dict[str, Any]:
     """The ``DDPMScheduler`` config of ``diffusion`` (see the module docstring for the mapping)."""
     T = diffusion.timesteps
-    betas = make_betas(diffusion.schedule if diffusion.betas is None else diffusion.betas, T)
+    if diffusion.betas is not None:
+        betas = make_betas(diffusion.betas, T)
+    else:
+        betas = make_betas(diffusion.schedule, T, **diffusion.schedule_options)
+    # diffusers names our schedules only with their default parameters (and linear only at T = 1000)
+    default = diffusion.betas is None and make_schedule(diffusion.schedule, diffusion.schedule_options) == \
+        make_schedule(diffusion.schedule)
     cfg: dict[str, Any] = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
                            "num_train_timesteps": T, "beta_start": 0.0001, "beta_end": 0.02}
-    if diffusion.betas is None and diffusion.schedule == "cosine":
+    if default and diffusion.schedule == "cosine":
         cfg.update(beta_schedule="squaredcos_cap_v2", trained_betas=None)
-    elif diffusion.betas is None and diffusion.schedule == "linear" and T == 1000:
+    elif default and diffusion.schedule == "linear" and T == 1000:
         cfg.update(beta_schedule="linear", trained_betas=None)
     else:  # a schedule diffusers cannot name (e.g. our linear schedule rescaled to T != 1000)
         cfg.update(beta_schedule="linear", trained_betas=[float(b) for b in betas])
@@ -123,7 +129,7 @@ def scheduler_config(diffusion: DiffusionConfig, *, clip_sample: bool) -> dict[s
 
 
 def write_pipeline_folder(
-    folder: str | Path, model: torch.nn.Module, diffusion: DiffusionConfig, *, clip_sample: bool,
+    folder: str | Path, model: torch.nn.Module, diffusion: GaussianConfig, *, clip_sample: bool,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` and ``diffusion`` as a diffusers ``DDPMPipeline`` folder; returns the folder.
@@ -173,8 +179,8 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------- import
-def diffusion_from_scheduler(cfg: Mapping[str, Any], *, source: str = "scheduler_config.json") -> DiffusionConfig:
-    """Our :class:`DiffusionConfig` of a diffusers scheduler config; refuses what it cannot honour.
+def diffusion_from_scheduler(cfg: Mapping[str, Any], *, source: str = "scheduler_config.json") -> GaussianConfig:
+    """Our :class:`GaussianConfig` of a diffusers scheduler config; refuses what it cannot honour.
 
     ``clip_denoised`` is set from ``clip_sample``; ``betas`` holds the schedule when it is not one
     of ours exactly, computed in float64 (diffusers computes them in float32).
@@ -208,7 +214,7 @@ def diffusion_from_scheduler(cfg: Mapping[str, Any], *, source: str = "scheduler
     if variance_type not in VARIANCE_FROM_DIFFUSERS:
         raise fail("variance_type", f"is {variance_type!r}; supported: {', '.join(VARIANCE_FROM_DIFFUSERS)}")
     variance = VARIANCE_FROM_DIFFUSERS[variance_type]
-    return DiffusionConfig(
+    return GaussianConfig(
         schedule=schedule,
         timesteps=T,
         prediction=PREDICTION_FROM_DIFFUSERS[prediction_type],  # type: ignore[arg-type]

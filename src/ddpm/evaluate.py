@@ -23,13 +23,12 @@ from typing import Any
 import torch
 
 from ddpm.build import build_dataset
+from ddpm.choices import FEATURES, Features, check_choice
 from ddpm.config import DataConfig, apply_overrides
 from ddpm.errors import UserError
 from ddpm.pipeline import Pipeline
-from ddpm.samplers import DEFAULT_SAMPLER
 
 DIGIT_SETS = ("mnist5k", "digits", "mnist", "fashion-mnist")
-FEATURES = ("auto", "classifier", "inception")
 
 
 @dataclass
@@ -82,11 +81,10 @@ def classifier_for(pipe: Pipeline, cfg: DataConfig, *, seed: int = 0, epochs: in
     return clf, info
 
 
-def make_reference(pipe: Pipeline, *, data: str | None = None, features: str = "auto",
+def make_reference(pipe: Pipeline, *, data: str | None = None, features: Features = "auto",
                    inception_weights: str | None = None, seed: int = 0) -> Reference:
     """The held-out split of the run's data (or of ``data``), with features for images (see the module docstring)."""
-    if features not in FEATURES:
-        raise UserError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
+    check_choice("features", features, FEATURES)
     cfg = reference_data(pipe, data)
     test = build_dataset(cfg, "test")
     if tuple(test.shape) != pipe.data_shape:
@@ -165,8 +163,8 @@ def headline_metric(ref: Reference) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------- eval card
 def evaluate(
-    pipe: Pipeline, *, num: int, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, spacing: str | None = None,
-    seed: int = 0, batch_size: int = 100, data: str | None = None, features: str = "auto",
+    pipe: Pipeline, *, num: int, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
+    seed: int = 0, batch_size: int = 100, data: str | None = None, features: Features = "auto",
     inception_weights: str | None = None, nll_images: int = 0, nll_terms: int = 40, guidance: float = 1.0,
     guidance_scales: Sequence[float] = (), samples: torch.Tensor | None = None, reference: Reference | None = None,
     **options: float,
@@ -179,6 +177,7 @@ def evaluate(
     Its bits/dim are of -log p(x | y) with the true labels.
     """
     t0 = time.perf_counter()
+    sampler = pipe.sampler_name(sampler)
     ref = reference or make_reference(pipe, data=data, features=features, inception_weights=inception_weights,
                                       seed=seed)
     labels = balanced_labels(num if samples is None else samples.shape[0], pipe.num_classes) \
@@ -256,7 +255,7 @@ def card_markdown(card: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------- sweep
 def sweep(
     pipe: Pipeline, *, samplers: Sequence[str], nfes: Sequence[int], num: int, seed: int = 0, batch_size: int = 100,
-    data: str | None = None, features: str = "auto", reference: Reference | None = None,
+    data: str | None = None, features: Features = "auto", reference: Reference | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], Reference]:
     """Every sampler at every budget of network evaluations, on the same seeds (so the same x_T).

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.tensors import Generator, Model, randn
-
-EstimateMethod = Literal["stratified", "importance"]
+from ddpm.choices import ESTIMATE_METHODS, EstimateMethod, check_choice
+from ddpm.processes import DiffusionProcess
+from ddpm.tensors import Generator, Model
 
 
 @dataclass
@@ -62,25 +60,15 @@ class NLLEstimate:
         return float(self.total_bpd.mean()), float(self.stderr_bpd.pow(2).sum().sqrt() / n)
 
 
-def check_data(x0: torch.Tensor) -> None:
-    """The bound is defined for finite data in [-1, 1] (the decoder's 256 bins)."""
-    if not torch.isfinite(x0).all():
-        raise ValueError("x0 contains non-finite values; the bound needs finite data in [-1, 1]")
-    lo, hi = float(x0.min()), float(x0.max())
-    if lo < -1.0 - 1e-5 or hi > 1.0 + 1e-5:
-        raise ValueError(f"x0 must lie in [-1, 1] for the discretised decoder, got values in [{lo:.4g}, {hi:.4g}]")
-
-
 @torch.no_grad()
 def evaluate_terms(
-    diffusion: GaussianDiffusion,
+    process: DiffusionProcess,
     model: Model,
     x0: torch.Tensor,
     t: torch.Tensor,
     *,
     generator: Generator = None,
     max_batch_size: int = 1024,
-    clip_denoised: bool = False,
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_t in bits/dim for each example i and each of its timesteps ``t[i, k]``: ``[B, K]``.
@@ -100,27 +88,26 @@ def evaluate_terms(
         gens = generator if isinstance(generator, torch.Generator) or generator is None else [
             generator[int(e)] for e in example[sl]
         ]
-        noise = randn(x0_chunk.shape, gens, device=x0.device, dtype=x0.dtype)
-        x_t = diffusion.q_sample(x0_chunk, t_chunk, noise)
+        noise = process.draw_noise(x0_chunk.shape, gens, device=x0.device)
+        x_t = process.q_sample(x0_chunk, t_chunk, noise)
         y_chunk = None if y is None else y[example[sl]]
-        out[sl] = diffusion.vlb_term(model, x0_chunk, x_t, t_chunk, clip_denoised=clip_denoised, y=y_chunk).double()
+        out[sl] = process.vlb_term(model, x0_chunk, x_t, t_chunk, y=y_chunk).double()
     return out.reshape(B, K)
 
 
 def nll(
-    diffusion: GaussianDiffusion,
+    process: DiffusionProcess,
     model: Model,
     x0: torch.Tensor,
     *,
     generator: Generator = None,
     max_batch_size: int = 1024,
-    clip_denoised: bool = False,
     progress: bool = False,
     y: torch.Tensor | None = None,
 ) -> NLLResult:
     """All T terms of the bound for each example of ``x0`` ``[B, ...]``, bits/dim; ``y``: labels if conditional."""
-    check_data(x0)
-    B, T = x0.shape[0], diffusion.num_timesteps
+    process.check_data(x0)
+    B, T = x0.shape[0], process.num_timesteps
     per_chunk = max(1, max_batch_size // B)  # timesteps per network call
     chunks = range(0, T, per_chunk)
     if progress:
@@ -131,11 +118,9 @@ def nll(
     for start in chunks:
         ts = torch.arange(start, min(T, start + per_chunk), device=x0.device)
         grid = ts.expand(B, -1)
-        terms[:, ts] = evaluate_terms(
-            diffusion, model, x0, grid, generator=generator, max_batch_size=max_batch_size,
-            clip_denoised=clip_denoised, y=y,
-        )
-    prior = diffusion.prior_bpd(x0).double()
+        terms[:, ts] = evaluate_terms(process, model, x0, grid, generator=generator, max_batch_size=max_batch_size,
+                                      y=y)
+    prior = process.prior_bpd(x0).double()
     return NLLResult(total_bpd=prior + terms.sum(dim=1), prior_bpd=prior, terms_bpd=terms)
 
 
@@ -168,7 +153,7 @@ def default_proposal(num_timesteps: int) -> torch.Tensor:
 
 
 def nll_estimate(
-    diffusion: GaussianDiffusion,
+    process: DiffusionProcess,
     model: Model,
     x0: torch.Tensor,
     num_terms: int,
@@ -192,8 +177,9 @@ def nll_estimate(
     mean(L_t / p_t), standard error std(L_t / p_t) / sqrt(K) (measured: 2 SE cover the exact bound
     94% of the time at K=40, T=100; tests/test_likelihood.py).
     """
-    check_data(x0)
-    B, T = x0.shape[0], diffusion.num_timesteps
+    check_choice("method", method, ESTIMATE_METHODS)
+    process.check_data(x0)
+    B, T = x0.shape[0], process.num_timesteps
     device = x0.device
 
     def per_example(draw):  # one draw for the batch, or one per example from its own generator
@@ -210,7 +196,7 @@ def nll_estimate(
         u = per_example(lambda n, g: torch.rand(n, strata, 2, generator=g, dtype=torch.float64, device=_dev(g)).cpu())
         t = edges[:-1, None] + (u * sizes[:, None]).long().clamp(max=(sizes - 1).long()[:, None])
         terms = evaluate_terms(
-            diffusion, model, x0, t.reshape(B, -1).to(device), generator=generator, max_batch_size=max_batch_size,
+            process, model, x0, t.reshape(B, -1).to(device), generator=generator, max_batch_size=max_batch_size,
             y=y,
         ).reshape(B, strata, 2)
         sizes = sizes.to(device)
@@ -227,12 +213,12 @@ def nll_estimate(
             lambda n, g: torch.multinomial(p.to(_dev(g)).expand(n, -1), num_terms, replacement=True, generator=g).cpu()
         )
         terms = evaluate_terms(
-            diffusion, model, x0, t.to(device), generator=generator, max_batch_size=max_batch_size, y=y
+            process, model, x0, t.to(device), generator=generator, max_batch_size=max_batch_size, y=y
         )
         ratio = terms / p.to(device)[t.to(device)]
         total_terms = ratio.mean(dim=1)
         variance = ratio.var(dim=1, unbiased=True) / num_terms
-    else:
-        raise ValueError(f"unknown method {method!r}; valid: 'stratified', 'importance'")
-    prior = diffusion.prior_bpd(x0).double()
+    else:  # pragma: no cover - check_choice refused it
+        raise AssertionError(method)
+    prior = process.prior_bpd(x0).double()
     return NLLEstimate(prior + total_terms, variance.sqrt(), prior, num_terms, method)

@@ -8,8 +8,9 @@
     pipe.save_pretrained("export/mnist")                           # a folder diffusers.DDPMPipeline loads
 
 A :class:`Pipeline` holds the network (``pipe.model``, called as ``model(x_t, t)``), the diffusion
-(``pipe.diffusion``, a :class:`~ddpm.GaussianDiffusion`) and the resolved configuration
-(``pipe.config``, a :class:`~ddpm.config.RunConfig`). Sampling and the bound are sharded over
+process (``pipe.process``: a :class:`~ddpm.processes.protocol.DiffusionProcess`, e.g. a
+:class:`~ddpm.GaussianDiffusion`) and the resolved configuration (``pipe.config``, a
+:class:`~ddpm.config.RunConfig`). Sampling and the bound are sharded over
 the processes of a torchrun job (every process gets all results); sample i and image i draw their
 noise from their own seed, so results do not depend on the batch size or the number of processes.
 """
@@ -26,19 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddpm.build import build_diffusion, model_from_spec, model_spec
+from ddpm.build import model_from_spec, model_spec
 from ddpm.checkpoint import load_model_weights, read_config, resolve_checkpoint
 from ddpm.choices import AMPS, WEIGHTS, Amp, Weights, check_choice
 from ddpm.config import ModelConfig, RunConfig
-from ddpm.diffusers_format import is_pipeline_folder, read_pipeline_folder, write_pipeline_folder
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusers_format import DiffusersFormatError, is_pipeline_folder, read_pipeline_folder, write_pipeline_folder
 from ddpm.distributed import all_gather_tensor, get_rank, get_world_size, resolve_device
 from ddpm.errors import CheckpointError, UserError
 from ddpm.guidance import Guided
 from ddpm.likelihood import nll as exact_bound
 from ddpm.likelihood import nll_estimate
 from ddpm.nn.policy import RuntimePolicy, resolve_policy
-from ddpm.samplers import DEFAULT_SAMPLER, Spacing, nfe_budget, sample, sampling_chain
+from ddpm.processes import DiffusionProcess, GaussianConfig, build_process
+from ddpm.samplers import Spacing, nfe_budget, sample, sampling_chain
 from ddpm.seeding import item_seeds
 from ddpm.tensors import check_finite
 
@@ -53,6 +54,15 @@ def _my_share(n: int) -> tuple[list[int], int]:
     rank, world = get_rank(), get_world_size()
     per_rank = math.ceil(n / world) if n else 0
     return list(range(rank * per_rank, min(n, (rank + 1) * per_rank))), per_rank
+
+
+def _gather_shares(local: torch.Tensor, n: int, per_rank: int, device: torch.device) -> torch.Tensor:
+    """Items 0..n-1 from every process's share (rank r holds items r*per_rank..), in order, on the CPU."""
+    if get_world_size() == 1:
+        return local
+    padded = local.new_zeros(per_rank, *local.shape[1:])
+    padded[: local.shape[0]] = local
+    return all_gather_tensor(padded.to(device)).cpu()[:n]
 
 
 @dataclass
@@ -92,7 +102,7 @@ class Pipeline:
 
     Attributes:
         model: the network in eval mode, ``model(x_t, t)``.
-        diffusion: the diffusion it was trained with (all T steps).
+        process: the diffusion process it was trained with (all T steps).
         config: the resolved run configuration (for an imported diffusers folder: its diffusion and
             the data shape; the network's own architecture is ``model.config``).
         source: the checkpoint or pipeline folder the weights came from.
@@ -104,13 +114,13 @@ class Pipeline:
     """
 
     def __init__(
-        self, model: nn.Module, diffusion: GaussianDiffusion, config: RunConfig, *, source: Path, weights: Weights,
+        self, model: nn.Module, process: DiffusionProcess, config: RunConfig, *, source: Path, weights: Weights,
         amp: Amp = "none",
     ) -> None:
         if config.model.data_shape is None:
             raise CheckpointError(f"{source}: the configuration has no model.data_shape")
         self.model = model.eval()
-        self.diffusion = diffusion
+        self.process = process
         self.config = config
         self.source = Path(source)
         self.weights = weights
@@ -120,7 +130,7 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return (f"Pipeline(source={str(self.source)!r}, weights={self.weights!r}, data_shape={self.data_shape}, "
-                f"device={str(self.device)!r}, {self.diffusion!r})")
+                f"device={str(self.device)!r}, {self.process!r})")
 
     # ------------------------------------------------------------------------------ basics
     @property
@@ -195,16 +205,20 @@ class Pipeline:
         return digest.hexdigest()[:16]
 
     # ---------------------------------------------------------------------------- sampling
-    def network_evaluations(self, sampler: str, steps: int | None) -> int:
+    def network_evaluations(self, sampler: str | None, steps: int | None) -> int:
         """How many network evaluations ``sample(..., sampler, steps)`` costs per sample."""
-        return nfe_budget(sampler, steps, self.diffusion.num_timesteps)
+        return nfe_budget(self.sampler_name(sampler), steps, self.process.num_timesteps)
+
+    def sampler_name(self, sampler: str | None) -> str:
+        """``sampler``, or the process's default sampler when None."""
+        return self.process.default_sampler if sampler is None else sampler
 
     @torch.inference_mode()
     def sample(
         self,
         num: int,
         *,
-        sampler: str = DEFAULT_SAMPLER,
+        sampler: str | None = None,
         steps: int | None = None,
         spacing: Spacing | None = None,
         seed: int = 0,
@@ -217,7 +231,9 @@ class Pipeline:
     ) -> torch.Tensor:
         """Draw samples 0..num-1: float ``[num, *data_shape]`` on the CPU (images in [-1, 1]).
 
-        ``steps`` is the number of network evaluations (None: the sampler's default), ``spacing``
+        ``sampler`` is a name in :data:`ddpm.SAMPLERS` that walks this process (None: the process's
+        default, ``dpm++2m-sde`` for Gaussian diffusion); ``steps`` is the number of network
+        evaluations (None: the sampler's default), ``spacing``
         the time grid (None: the sampler's default); ``options`` are the sampler's (e.g. ``eta``).
         A class-conditional model samples class ``classes`` (one label for all, or one per sample;
         None: unconditionally, with the null class) with classifier-free guidance ``guidance``
@@ -228,6 +244,7 @@ class Pipeline:
         """
         if num < 1 or batch_size < 1:
             raise UserError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
+        sampler = self.sampler_name(sampler)
         clip = self.clip_denoised if clip_denoised is None else clip_denoised and self.is_image
         labels = self.labels(classes, num)
         if labels is None and guidance != 1.0:
@@ -244,25 +261,22 @@ class Pipeline:
         for start in chunks:
             idx = mine[start : start + batch_size]
             x = sample(
-                self.diffusion, model, (len(idx), *self.data_shape), sampler=sampler, steps=steps,
+                self.process, model, (len(idx), *self.data_shape), sampler=sampler, steps=steps,
                 spacing=spacing, clip_denoised=clip, generator=_generators(seed, idx, "sample", self.device),
                 device=self.device, y=None if labels is None else labels[idx], **options,
             )
             out.append(x.float().cpu())
         local = torch.cat(out) if out else torch.empty(0, *self.data_shape)
-        if get_world_size() > 1:  # rank r holds samples r*per_rank..: pad, gather, keep the first num
-            padded = torch.zeros(per_rank, *self.data_shape)
-            padded[: local.shape[0]] = local
-            local = all_gather_tensor(padded.to(self.device)).cpu()[:num]
-        check_finite(local, what=f"samples from {self.source} ({self.weights} weights)")
-        return local
+        samples = _gather_shares(local, num, per_rank, self.device)
+        check_finite(samples, what=f"samples from {self.source} ({self.weights} weights)")
+        return samples
 
     @torch.inference_mode()
     def reverse_chain(
         self,
         num: int,
         *,
-        sampler: str = DEFAULT_SAMPLER,
+        sampler: str | None = None,
         steps: int | None = None,
         spacing: Spacing | None = None,
         seed: int = 0,
@@ -279,15 +293,15 @@ class Pipeline:
         labels = self.labels(classes, num)
         model = self.policy.wrap(self.guided_model(guidance))
         _, trajectory = sample(
-            self.diffusion, model, (num, *self.data_shape), sampler=sampler, steps=steps,
+            self.process, model, (num, *self.data_shape), sampler=self.sampler_name(sampler), steps=steps,
             spacing=spacing, clip_denoised=self.clip_denoised, generator=_generators(seed, idx, "sample", self.device),
             device=self.device, return_trajectory=True, trajectory_frames=frames, y=labels, **options,
         )
         return trajectory.float().cpu()
 
-    def grid_timesteps(self, sampler: str, steps: int | None, spacing: Spacing | None = None) -> list[float]:
+    def grid_timesteps(self, sampler: str | None, steps: int | None, spacing: Spacing | None = None) -> list[float]:
         """The network timesteps a sampler visits (largest first)."""
-        chain = sampling_chain(self.diffusion, sampler, steps, spacing)
+        chain = sampling_chain(self.process, self.sampler_name(sampler), steps, spacing)
         return [float(t) for t in chain.timestep_map.flip(0)]
 
     # ---------------------------------------------------------------------------- the bound
@@ -311,48 +325,46 @@ class Pipeline:
         For a class-conditional model, ``labels`` (the images' true classes) make it the bound on
         -log p(x | y); without them it is the bound on -log p(x) of the null-class model.
         """
-        if not self.is_image:
-            raise UserError("the bound uses the 256-level decoder of 8-bit images; this model is for vectors")
         if tuple(images.shape[1:]) != self.data_shape:
             raise UserError(f"images of shape {list(images.shape[1:])} do not fit a model trained on "
                             f"{list(self.data_shape)}")
+        self.process.check_data(images)
         y_all = self.labels(labels, images.shape[0]) if labels is not None else None
-        diffusion = self.diffusion if respace is None else self.diffusion.respaced(respace)
-        T = diffusion.num_timesteps
-        n = images.shape[0]
+        process = self.process if respace is None else self.process.respaced(respace)
+        T, n = process.num_timesteps, images.shape[0]
         mine, per_rank = _my_share(n)
-        rows = torch.zeros(per_rank, 4 + T, dtype=torch.float64)  # total, prior, stderr, valid, terms...
         chunks: Any = range(0, len(mine), batch_size)
         if progress and get_rank() == 0:
             from tqdm.auto import tqdm
 
             chunks = tqdm(chunks, desc="bound")
+        totals, priors, stderrs, terms = [], [], [], []  # per image, this process's share
         for start in chunks:
             idx = mine[start : start + batch_size]
             x0 = images[idx].to(self.device, torch.float32)
-            sl = slice(start, start + len(idx))
             gens = _generators(seed, idx, "nll", self.device)
             y = None if y_all is None else y_all[idx].to(self.device)
             if estimate is None:
-                r = exact_bound(diffusion, self.model, x0, generator=gens, max_batch_size=max(batch_size, 256), y=y)
-                rows[sl, 0], rows[sl, 1], rows[sl, 4:] = r.total_bpd.cpu(), r.prior_bpd.cpu(), r.terms_bpd.cpu()
+                r = exact_bound(process, self.model, x0, generator=gens, max_batch_size=max(batch_size, 256), y=y)
+                totals.append(r.total_bpd), priors.append(r.prior_bpd), terms.append(r.terms_bpd)
             else:
-                e = nll_estimate(diffusion, self.model, x0, estimate, generator=gens,
+                e = nll_estimate(process, self.model, x0, estimate, generator=gens,
                                  max_batch_size=max(batch_size, 256), y=y)
-                rows[sl, 0], rows[sl, 1], rows[sl, 2] = e.total_bpd.cpu(), e.prior_bpd.cpu(), e.stderr_bpd.cpu()
-            rows[sl, 3] = 1.0
-        if get_world_size() > 1:
-            rows = all_gather_tensor(rows.to(self.device)).cpu()
-        rows = rows[rows[:, 3] == 1]
-        total = rows[:, 0]
-        spread = float(total.std() / math.sqrt(len(total))) if len(total) > 1 else float("nan")
-        common = {"total_bpd": float(total.mean()), "prior_bpd": float(rows[:, 1].mean()), "images": int(len(total)),
+                totals.append(e.total_bpd), priors.append(e.prior_bpd), stderrs.append(e.stderr_bpd)
+
+        def gathered(parts: list[torch.Tensor], *shape: int) -> torch.Tensor:
+            local = torch.cat(parts).cpu() if parts else torch.zeros(0, *shape, dtype=torch.float64)
+            return _gather_shares(local, n, per_rank, self.device)
+
+        total = gathered(totals)
+        spread = float(total.std() / math.sqrt(n)) if n > 1 else float("nan")
+        common = {"total_bpd": float(total.mean()), "prior_bpd": float(gathered(priors).mean()), "images": n,
                   "timesteps": T, "per_image_bpd": total, "conditional": y_all is not None}
         if estimate is None:
-            terms = rows[:, 4:]
-            return Bound(**common, stderr_bpd=spread, mode="exact", decoder_bpd=float(terms[:, 0].mean()),
-                         kl_bpd=float(terms[:, 1:].sum(1).mean()), terms_bpd=terms.mean(0))
-        within = float(rows[:, 2].pow(2).sum().sqrt() / len(total))
+            all_terms = gathered(terms, T)
+            return Bound(**common, stderr_bpd=spread, mode="exact", decoder_bpd=float(all_terms[:, 0].mean()),
+                         kl_bpd=float(all_terms[:, 1:].sum(1).mean()), terms_bpd=all_terms.mean(0))
+        within = float(gathered(stderrs).pow(2).sum().sqrt() / n)
         between = 0.0 if math.isnan(spread) else spread
         return Bound(**common, stderr_bpd=math.sqrt(between**2 + within**2), mc_stderr_bpd=within,
                      mode=f"importance estimate, {estimate} terms per image")
@@ -362,8 +374,12 @@ class Pipeline:
         """Write a diffusers pipeline folder (``DDPMPipeline.from_pretrained(folder)`` loads it).
 
         The weights written are this pipeline's (``weights="ema"`` at load time: the EMA weights).
-        Only U-Nets can be exported; see :mod:`ddpm.diffusers_format` for the scheduler mapping.
+        Only U-Nets of Gaussian diffusion can be exported; see :mod:`ddpm.diffusers_format` for the
+        scheduler mapping.
         """
+        if not isinstance(self.config.diffusion, GaussianConfig):
+            raise DiffusersFormatError(f"diffusers has no pipeline for the {self.config.diffusion.process!r} process; "
+                                       f"{self.source} stays in ddpm's checkpoint format")
         model = self.model
         was = next(iter(model.parameters())).device
         try:
@@ -393,15 +409,15 @@ def load(
         parts = read_pipeline_folder(path)
         config = RunConfig(diffusion=parts.diffusion, model=ModelConfig(preset="diffusers",
                                                                         data_shape=parts.data_shape))
-        return Pipeline(parts.model.to(target), build_diffusion(parts.diffusion), config, source=path,
+        return Pipeline(parts.model.to(target), build_process(parts.diffusion), config, source=path,
                         weights=weights, amp=amp)
     folder = resolve_checkpoint(path)
     config = read_config(folder)
     if config.model.data_shape is None:
         raise CheckpointError(f"{folder}: the checkpoint's config has no model.data_shape")
     shape = tuple(config.model.data_shape)
-    _, spec = model_spec(config.model, shape, learned_sigma=config.diffusion.variance == "learned_range")
+    process = build_process(config.diffusion)
+    _, spec = model_spec(config.model, shape, out_channels=process.output_channels(shape[0]))
     model = model_from_spec(spec)
     load_model_weights(folder, model, which=weights)
-    return Pipeline(model.to(target), build_diffusion(config.diffusion), config, source=folder, weights=weights,
-                    amp=amp)
+    return Pipeline(model.to(target), process, config, source=folder, weights=weights, amp=amp)

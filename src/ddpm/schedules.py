@@ -13,7 +13,12 @@ name                           paper                                  meaning
 ``posterior_variance``         beta-tilde_t (Eq. 7)                   variance of q(x_{t-1} | x_t, x_0)
 ``posterior_mean_coef1``       sqrt(abar_{t-1}) beta_t / (1 - abar_t) coefficient of x_0 (Eq. 7)
 ``posterior_mean_coef2``       sqrt(alpha_t)(1 - abar_{t-1})/(1-abar_t) coefficient of x_t (Eq. 7)
+``fixed_large_log_variance``   log beta_t (index 0: log beta-tilde_1)  the other fixed reverse variance
 =============================  =====================================  ==========================
+
+Schedules are a registry (:data:`SCHEDULES`): each is a frozen dataclass whose fields are its
+parameters (``linear``: beta_start, beta_end; ``cosine``: s, max_beta), so a run's configuration
+and the command line set them by name and a new schedule is one class here.
 
 Every table is float64 and never mutated; :class:`GaussianDiffusion` casts to the data's dtype
 and device at the point of use.
@@ -21,62 +26,138 @@ and device at the point of use.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from ddpm.choices import SCHEDULES, ScheduleName
+from ddpm.errors import ConfigError, UserError
+
+
+class BetaSchedule(Protocol):
+    """A named schedule: its parameters are the fields of a frozen dataclass, with their defaults."""
+
+    def betas(self, num_timesteps: int) -> torch.Tensor:
+        """beta_1..beta_T, float64 ``[T]``."""
+        ...
+
+
+SCHEDULES: dict[str, type[Any]] = {}
+"""Every registered schedule by name (:func:`register_schedule`); its class holds its parameters."""
+
+
+def register_schedule(name: str) -> Callable[[type[Any]], type[Any]]:
+    """Register a schedule class under ``name`` (a frozen dataclass of parameters with a ``betas(T)`` method)."""
+
+    def add(cls: type[Any]) -> type[Any]:
+        if name in SCHEDULES:
+            raise ValueError(f"a schedule named {name!r} is registered already")
+        SCHEDULES[name] = cls
+        return cls
+
+    return add
+
+
+def schedule_parameters(name: str) -> dict[str, float]:
+    """The parameters of schedule ``name`` with their defaults (for ``--help`` and error messages)."""
+    return {f.name: f.default for f in dataclasses.fields(SCHEDULES[name])}
+
+
+def make_schedule(name: str, options: Mapping[str, float] | None = None) -> BetaSchedule:
+    """The schedule ``name`` with ``options`` for some of its parameters; unknown names, parameters or
+    values outside their range are a :class:`~ddpm.errors.ConfigError` naming them."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)} (or an array of betas)")
+    options = dict(options or {})
+    valid = schedule_parameters(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listing = ", ".join(f"{k} (default {v:g})" for k, v in valid.items()) or "none"
+        raise ConfigError(f"schedule {name!r} has no parameter(s) {unknown}; its parameters: {listing}")
+    return SCHEDULES[name](**{k: float(v) for k, v in options.items()})
+
+
+@register_schedule("linear")
+@dataclass(frozen=True)
+class LinearSchedule:
+    """Ho et al. 2020: beta rises linearly from ``beta_start`` to ``beta_end`` over T = 1000 steps; for
+    another T both ends are scaled by 1000 / T, so the total noise stays the same."""
+
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise ConfigError(f"linear schedule: need 0 < beta_start <= beta_end < 1, got beta_start="
+                              f"{self.beta_start:g}, beta_end={self.beta_end:g}")
+
+    def betas(self, num_timesteps: int) -> torch.Tensor:
+        scale = 1000.0 / num_timesteps
+        return torch.linspace(scale * self.beta_start, scale * self.beta_end, num_timesteps, dtype=torch.float64)
+
+
+@register_schedule("cosine")
+@dataclass(frozen=True)
+class CosineSchedule:
+    """Nichol & Dhariwal 2021, Eq. 17: abar(t) = cos^2(((t/T + s)/(1 + s)) pi/2), beta_t = 1 - abar_t / abar_{t-1}
+    clipped at ``max_beta`` (the last steps would otherwise reach 1)."""
+
+    s: float = 0.008
+    max_beta: float = 0.999
+
+    def __post_init__(self) -> None:
+        if not self.s >= 0:
+            raise ConfigError(f"cosine schedule: s must be >= 0, got {self.s:g}")
+        if not 0 < self.max_beta < 1:
+            raise ConfigError(f"cosine schedule: max_beta must lie in (0, 1), got {self.max_beta:g}")
+
+    def betas(self, num_timesteps: int) -> torch.Tensor:
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        abar = torch.cos((steps + self.s) / (1 + self.s) * math.pi / 2) ** 2
+        return (1 - abar[1:] / abar[:-1]).clamp(max=self.max_beta)
 
 
 def make_betas(
-    schedule: ScheduleName | Sequence[float] | np.ndarray | torch.Tensor,
+    schedule: str | Sequence[float] | np.ndarray | torch.Tensor,
     num_timesteps: int | None = None,
-    *,
-    cosine_s: float = 0.008,
-    max_beta: float = 0.999,
+    **options: float,
 ) -> torch.Tensor:
     """Return the variance schedule beta_1..beta_T as a float64 tensor ``[T]``.
 
-    ``"linear"``: Ho et al. 2020, beta from 1e-4 to 0.02 over 1000 steps, both ends scaled by
-    1000/T so that other T keep the same total noise. ``"cosine"``: Nichol & Dhariwal 2021 Eq. 17,
-    abar(t) = cos^2(((t/T + s)/(1 + s)) pi/2), betas clipped at ``max_beta``. Anything else is
-    taken as a user array of betas and validated.
+    ``schedule`` is a registered name (:data:`SCHEDULES`: ``"linear"``, ``"cosine"``, ...) with
+    ``options`` for its parameters (``make_betas("cosine", 1000, s=0.01)``), or an array of betas,
+    which is validated. Bad names, parameters and betas raise :class:`~ddpm.errors.UserError`.
     """
     if isinstance(schedule, str):
         if num_timesteps is None or int(num_timesteps) < 1:
-            raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+            raise ConfigError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
         T = int(num_timesteps)
-        if schedule == "linear":
-            scale = 1000.0 / T
-            betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
-        elif schedule == "cosine":
-            steps = torch.arange(T + 1, dtype=torch.float64) / T
-            abar = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
-            betas = (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
-        else:
-            raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)} or an array of betas")
+        betas = make_schedule(schedule, options).betas(T)
         return validate_betas(betas, source=f"schedule {schedule!r} with T={T}")
+    if options:
+        raise ConfigError(f"schedule parameters {sorted(options)} apply to named schedules, not to an array of betas")
     betas = torch.as_tensor(np.asarray(schedule, dtype=np.float64) if not torch.is_tensor(schedule) else schedule)
     betas = betas.detach().to(torch.float64).cpu().clone()
     if num_timesteps is not None and betas.numel() != num_timesteps:
-        raise ValueError(f"got {betas.numel()} betas but num_timesteps={num_timesteps}")
+        raise ConfigError(f"got {betas.numel()} betas but num_timesteps={num_timesteps}")
     return validate_betas(betas, source="user betas")
 
 
 def validate_betas(betas: torch.Tensor, *, source: str = "betas") -> torch.Tensor:
     """Check that ``betas`` is 1-D, non-empty, finite and inside (0, 1); return it unchanged."""
     if betas.ndim != 1 or betas.numel() == 0:
-        raise ValueError(f"{source}: betas must be a non-empty 1-D array, got shape {tuple(betas.shape)}")
+        raise UserError(f"{source}: betas must be a non-empty 1-D array, got shape {tuple(betas.shape)}")
     if not torch.isfinite(betas).all():
         bad = int(torch.nonzero(~torch.isfinite(betas))[0])
-        raise ValueError(f"{source}: betas must be finite; index {bad} is {betas[bad].item()}")
+        raise UserError(f"{source}: betas must be finite; index {bad} is {betas[bad].item()}")
     outside = (betas <= 0) | (betas >= 1)
     if outside.any():
         bad = int(torch.nonzero(outside)[0])
-        raise ValueError(f"{source}: betas must lie in (0, 1); index {bad} is {betas[bad].item():.6g}")
+        raise UserError(f"{source}: betas must lie in (0, 1); index {bad} is {betas[bad].item():.6g}")
     return betas
 
 
@@ -89,7 +170,7 @@ def space_timesteps(num_timesteps: int, steps: int | Sequence[int]) -> torch.Ten
     T = num_timesteps
     if isinstance(steps, int):
         if not 1 <= steps <= T:
-            raise ValueError(f"steps must be in [1, {T}], got {steps}")
+            raise UserError(f"steps must be in [1, {T}], got {steps}")
         if steps == 1:
             return torch.tensor([T - 1])
         kept = torch.from_numpy(np.round(np.linspace(0, T - 1, steps)).astype(np.int64))
@@ -97,9 +178,9 @@ def space_timesteps(num_timesteps: int, steps: int | Sequence[int]) -> torch.Ten
         kept = torch.as_tensor(list(steps), dtype=torch.long)
     kept = torch.unique(kept)  # sorted
     if kept.numel() == 0 or kept[0] < 0 or kept[-1] >= T:
-        raise ValueError(f"respaced timesteps must lie in [0, {T - 1}], got {kept.tolist()}")
+        raise UserError(f"respaced timesteps must lie in [0, {T - 1}], got {kept.tolist()}")
     if isinstance(steps, int) and kept.numel() != steps:
-        raise ValueError(f"cannot space {steps} distinct steps over T={T}")
+        raise UserError(f"cannot space {steps} distinct steps over T={T}")
     return kept
 
 
@@ -132,6 +213,7 @@ class Schedule:
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
     log_betas: torch.Tensor
+    fixed_large_log_variance: torch.Tensor
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> Schedule:
@@ -161,7 +243,16 @@ class Schedule:
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
             log_betas=torch.log(betas),
+            # Ho et al.'s other fixed reverse variance, sigma_t^2 = beta_t, except at index 0 where beta-tilde_1
+            # is used as for beta-tilde: beta_1 is tiny and would make the decoder needlessly sharp (Ho et al.
+            # report that both choices sample alike).
+            fixed_large_log_variance=torch.cat([posterior_log_variance_clipped[:1], torch.log(betas[1:])]),
         )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Schedule:
+        """Every table cast to ``dtype`` on ``device`` (a new Schedule; this one stays float64)."""
+        return Schedule(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype)
+                           for f in dataclasses.fields(self)})
 
     @property
     def num_timesteps(self) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.processes import DiffusionProcess
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -216,10 +216,10 @@ def save_guidance_plot(rows: Sequence[dict], path: str | Path, *, metric: str) -
     return path
 
 
-def forward_chain(diffusion: GaussianDiffusion, x0: torch.Tensor, timesteps: Sequence[int], *,
+def forward_chain(process: DiffusionProcess, x0: torch.Tensor, timesteps: Sequence[int], *,
                   seed: int = 0) -> torch.Tensor:
     """x_0 and x_t ~ q(x_t | x_0) at each of ``timesteps`` with one noise draw (the same static
     dissolving the image): ``[1 + len(timesteps), B, ...]``, clamped to [-1, 1] for display."""
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    frames = [x0] + [diffusion.q_sample(x0, torch.full((x0.shape[0],), t), noise) for t in timesteps]
+    noise = process.draw_noise(x0.shape, torch.Generator().manual_seed(seed), device=x0.device)
+    frames = [x0] + [process.q_sample(x0, torch.full((x0.shape[0],), t), noise) for t in timesteps]
     return torch.stack(frames).clamp(-1, 1)

@@ -1,18 +1,24 @@
-"""What the commands share: argument types, the flag groups for loading and sampling, and printing.
+"""What the commands share: argument types, the flag groups for loading, sampling and the process, and printing.
 
-Defaults shown in ``--help`` are the real ones: sampling defaults come from the sampler registry,
-training defaults from the typed run configuration (see :mod:`ddpm.cli.train`).
+Defaults shown in ``--help`` are the real ones, and the flags themselves are generated from the
+registries: the sampler options (``--eta``, ``--order``, ...) from the sampler registry, the
+process flags (``--process``, ``--schedule``, ...) from the registered processes' configuration
+tables, training defaults from the typed run configuration (see :mod:`ddpm.cli.train`). A new
+sampler option or a new process field needs no edit here.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
-from ddpm.choices import DEVICES, WEIGHTS
-from ddpm.samplers import SAMPLERS, SPACINGS, check_options
+from ddpm.choices import DEVICES, SPACINGS, WEIGHTS
+from ddpm.processes import PROCESSES, ProcessConfig
+from ddpm.samplers import SAMPLERS, SamplerOptions, all_options, check_options
 
 
 def _int_at_least(low: int, what: str) -> Any:
@@ -109,21 +115,22 @@ def add_output_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--force", action="store_true", help="replace earlier results in --out")
 
 
-def add_sampler_flags(p: argparse.ArgumentParser, *, sampler: str, steps: int | None) -> None:
-    """--sampler, --steps (network evaluations), --spacing, --eta and --batch-size."""
+def add_sampler_flags(p: argparse.ArgumentParser, *, steps: int | None = None) -> None:
+    """--sampler, --steps (network evaluations), --spacing, one flag per sampler option, and --batch-size."""
     described = "; ".join(f"{name}: {spec.description}" for name, spec in SAMPLERS.items())
-    p.add_argument("--sampler", choices=tuple(SAMPLERS), default=sampler, help=f"reverse-chain sampler ({described})")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
+                   help=f"reverse-chain sampler (default: the model's process's, dpm++2m-sde for Gaussian diffusion; "
+                        f"{described})")
     default = "the sampler's default (all T for ancestral and ddim)" if steps is None else str(steps)
     p.add_argument("--steps", type=positive_int, default=steps, metavar="NFE",
                    help=f"network evaluations per sample (default: {default})")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="time grid of the sampler (default: the sampler's own, see ddpm.samplers)")
-    p.add_argument("--eta", type=nonnegative_float, default=None,
-                   help="noise scale of samplers that have one (ddim: 0 = deterministic; default: the sampler's)")
-    p.add_argument("--churn", type=nonnegative_float, default=None,
-                   help="heun: EDM's S_churn, noise added before each step (default 0 = deterministic)")
-    p.add_argument("--order", type=positive_int, default=None,
-                   help="unipc: order of the predictor (default 2, the corrector adds one)")
+    for opt in all_options():
+        defaults = ", ".join(f"{name} {value:g}" for name, value in opt.defaults.items())
+        p.add_argument(f"--{opt.name.replace('_', '-')}", dest=f"option_{opt.name}", default=None,
+                       type=int_value if opt.type is int else finite_float, metavar=opt.name.upper(),
+                       help=f"{opt.help} (default: {defaults})")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per network call")
 
 
@@ -148,12 +155,53 @@ def add_class_flags(p: argparse.ArgumentParser, *, all_help: str) -> None:
                    help="classifier-free guidance weight w (0: unconditional, 1: conditional, more: sharper)")
 
 
-def sampler_options(args: argparse.Namespace) -> dict[str, float]:
-    """The sampler options given on the command line (only those set), checked against ``--sampler``."""
-    given = {"eta": args.eta, "churn": args.churn, "order": args.order}
-    options = {name: float(value) for name, value in given.items() if value is not None}
-    check_options(args.sampler, options)
-    return options
+def int_value(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def sampler_options(args: argparse.Namespace, sampler: str) -> dict[str, float]:
+    """The sampler options given on the command line (only those set), checked against ``sampler``."""
+    options = {opt.name: value for opt in all_options() if (value := getattr(args, f"option_{opt.name}")) is not None}
+    checked: SamplerOptions = check_options(sampler, options)
+    return {k: v for k, v in checked.as_dict().items() if k in options}
+
+
+def add_process_flags(p: argparse.ArgumentParser) -> None:
+    """``--process`` and one flag per field of every registered process's ``[diffusion]`` table.
+
+    Each flag sets ``diffusion.<field>`` (the help says which process reads it); values are parsed
+    and checked by the configuration (:func:`ddpm.config.apply_overrides`).
+    """
+    seen: set[str] = set()
+    for entry in PROCESSES.values():
+        hints = typing.get_type_hints(entry.config)
+        for f in dataclasses.fields(entry.config):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            flag, key = f"--{f.name.replace('_', '-')}", f"diffusion.{f.name}"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            owner = "" if f.name in ProcessConfig.__dataclass_fields__ else f"; process {entry.name}"
+            if f.name == "process":
+                choices: tuple[Any, ...] | None = tuple(PROCESSES)
+                extra = "; ".join(f"{e.name}: {e.description}" for e in PROCESSES.values())
+                help_text = f"{f.metadata['help']} ({extra})"
+            else:
+                literal = next((a for a in [hints[f.name], *typing.get_args(hints[f.name])]
+                                if typing.get_origin(a) is typing.Literal), None)
+                choices = typing.get_args(literal) if literal is not None else None
+                help_text = f.metadata.get("help", "")
+            shown = "unset" if default in (None, {}) else default
+            if hints[f.name] in (bool, bool | None):
+                p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{help_text} [{key}{owner}]")
+                continue
+            p.add_argument(flag, dest=key, choices=choices, default=None,
+                           metavar=None if choices else f.name.upper(),
+                           help=f"{help_text} (default: {shown}) [{key}{owner}]")
 
 
 def say(message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ddpm.choices import FEATURES
 from ddpm.cli.common import (
     HelpFormatter,
     add_checkpoint_flags,
@@ -18,8 +19,6 @@ from ddpm.cli.common import (
     sampler_options,
     say,
 )
-from ddpm.evaluate import FEATURES
-from ddpm.samplers import DEFAULT_SAMPLER
 
 
 def register(sub: Any) -> None:
@@ -28,7 +27,7 @@ def register(sub: Any) -> None:
     add_checkpoint_flags(p)
     add_output_flags(p, "eval")
     p.add_argument("-n", "--num", type=positive_int, default=1000, help="samples generated")
-    add_sampler_flags(p, sampler=DEFAULT_SAMPLER, steps=None)
+    add_sampler_flags(p)
     p.add_argument("--data", default=None, help="reference data set (default: the run's own; needed for an "
                                                 "imported diffusers pipeline)")
     p.add_argument("--features", choices=FEATURES, default="auto",
@@ -52,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     from ddpm.outputs import prepare_output_folder, write_json
 
     pipe = ddpm.load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
-    options = sampler_options(args)  # checked before anything is written
+    sampler = pipe.sampler_name(args.sampler)
+    options = sampler_options(args, sampler)  # checked before anything is written
     out = prepare_output_folder(args.out or default_out(pipe.source, "eval"),
                                 produces=["eval_card.json", "eval_card.md"], force=args.force)
-    card = evaluate(pipe, num=args.num, sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
+    card = evaluate(pipe, num=args.num, sampler=sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
                     batch_size=args.batch_size, data=args.data, features=args.features,
                     inception_weights=args.inception_weights,
                     nll_images=args.nll_images, nll_terms=args.nll_terms, guidance=args.guidance,

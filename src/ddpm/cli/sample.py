@@ -18,14 +18,13 @@ from ddpm.cli.common import (
     sampler_options,
     say,
 )
-from ddpm.samplers import DEFAULT_SAMPLER
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("sample", help="generate samples from a checkpoint", formatter_class=HelpFormatter)
     add_checkpoint_flags(p)
     p.add_argument("-n", "--num", type=positive_int, default=64, help="number of samples (per class with --class all)")
-    add_sampler_flags(p, sampler=DEFAULT_SAMPLER, steps=None)
+    add_sampler_flags(p)
     add_class_flags(p, all_help="-n samples of every class, the grid one row per class")
     add_output_flags(p, "samples")
     p.add_argument("--format", default="grid,npz", help="comma list of: grid (PNG), png (one file each), npz")
@@ -58,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         pipe = ddpm.load(args.checkpoint, weights=args.weights, device=device, amp=args.amp)
         out = args.out or default_out(pipe.source, "samples")
-        options = sampler_options(args)  # checked before anything is written
+        sampler = pipe.sampler_name(args.sampler)
+        options = sampler_options(args, sampler)  # checked before anything is written
         if is_main_process():
             prepare_output_folder(out, produces=[*sample_files(formats, is_image=pipe.is_image), "sample_info.json"],
                                   force=args.force)
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             classes = torch.arange(pipe.num_classes).repeat_interleave(args.num)
             num, nrow = len(classes), args.num
         t0 = time.perf_counter()
-        x = pipe.sample(num, sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
+        x = pipe.sample(num, sampler=sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
                         batch_size=args.batch_size, clip_denoised=False if args.no_clip else None, progress=True,
                         classes=classes, guidance=args.guidance, **options)
         seconds = time.perf_counter() - t0
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         written = save_samples(x, out, formats, is_image=pipe.is_image, nrow=nrow)
         if args.animate and pipe.is_image:
             first = None if classes is None else pipe.labels(classes, num)[: min(num, 16)]
-            chain = pipe.reverse_chain(min(num, 16), sampler=args.sampler, steps=args.steps,
+            chain = pipe.reverse_chain(min(num, 16), sampler=sampler, steps=args.steps,
                                        spacing=args.spacing, seed=args.seed, classes=first, guidance=args.guidance,
                                        **options)
             written.append(viz.save_chain_animation(chain, out / "reverse_chain.gif"))
@@ -87,12 +87,12 @@ def run(args: argparse.Namespace) -> int:
 
             ref = build_dataset(pipe.config.data, "test")
             written.append(viz.save_scatter(x, ref.get_batch(torch.arange(min(len(ref), 5000))),
-                                            out / "scatter.png", title=f"{args.sampler}, {num} samples"))
+                                            out / "scatter.png", title=f"{sampler}, {num} samples"))
         write_json(out / "sample_info.json", {
-            "checkpoint": str(pipe.source), "weights": args.weights, "num": num, "sampler": args.sampler,
+            "checkpoint": str(pipe.source), "weights": args.weights, "num": num, "sampler": sampler,
             "classes": None if classes is None else pipe.labels(classes, num).tolist(), "guidance": args.guidance,
-            "network_evaluations": pipe.network_evaluations(args.sampler, args.steps),
-            "timesteps": pipe.grid_timesteps(args.sampler, args.steps, args.spacing), "options": options,
+            "network_evaluations": pipe.network_evaluations(sampler, args.steps),
+            "timesteps": pipe.grid_timesteps(sampler, args.steps, args.spacing), "options": options,
             "seed": args.seed, "seconds": round(seconds, 2), "layout": SAMPLES_LAYOUT, "runtime": pipe.policy.record(),
         })
         for path in written:

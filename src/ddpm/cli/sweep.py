@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ddpm.choices import FEATURES
 from ddpm.cli.common import (
     HelpFormatter,
     add_checkpoint_flags,
@@ -15,7 +16,6 @@ from ddpm.cli.common import (
     positive_int,
     say,
 )
-from ddpm.evaluate import FEATURES
 from ddpm.samplers import SAMPLERS
 
 

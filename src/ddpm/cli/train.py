@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ddpm.cli.common import HelpFormatter, nonnegative_int, positive_float, positive_int, say
+from ddpm.cli.common import HelpFormatter, add_process_flags, nonnegative_int, positive_float, positive_int, say
 from ddpm.config import RunConfig
 from ddpm.errors import ConfigError
 from ddpm.train.stopping import EXIT_STOPPED, parse_duration
@@ -50,13 +50,6 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--grad-clip": ("optim.grad_clip", float, "max gradient norm (0 disables clipping)"),
     "--grad-accum": ("optim.grad_accum", positive_int, "micro-batches per optimizer step"),
     "--ema-decay": ("ema.decay", float, "EMA decay once warmed up"),
-    "--schedule": ("diffusion.schedule", str, "beta schedule"),
-    "--timesteps": ("diffusion.timesteps", positive_int, "number of diffusion steps T"),
-    "--prediction": ("diffusion.prediction", str, "network target"),
-    "--variance": ("diffusion.variance", str, "reverse-process variance"),
-    "--loss": ("diffusion.loss", str, "training objective"),
-    "--loss-weighting": ("diffusion.loss_weighting", str, "weighting of the MSE over t"),
-    "--timestep-sampling": ("diffusion.timestep_sampling", str, "which t training draws"),
     "--seed": ("train.seed", int, "random seed of the run"),
     "--device": ("train.device", str, "where to train"),
     # How the network runs (ddpm.nn.policy); auto: the rule for this device and CPU, recorded in metrics.jsonl.
@@ -103,6 +96,7 @@ def register(sub: Any) -> None:
                        description="Train a denoising network. Flags override the --config TOML file and "
                                    "--set; every checkpoint saves the resolved config.")
     p.add_argument("--config", type=Path, help="TOML run configuration; --set and flags override it")
+    add_process_flags(p)
     for flag, (key, typ, text) in TRAIN_FLAGS.items():
         default, choices = field_default_and_choices(key)
         shown = NONE_MEANS.get(key, "unset") if default is None else default

@@ -13,10 +13,9 @@ from typing import Literal
 
 import numpy as np
 
-from ddpm.choices import Loader
+from ddpm.choices import Loader, Split
 from ddpm.data.arrays import random_holdout
 
-Split = Literal["train", "test"]
 FILE_HOLDOUT_FRACTION = 0.05
 SPLIT_SEED = 0
 MEMORY_LOADER_MAX_BYTES = 1 << 30  # loader="auto" streams image splits larger than this (1 GiB decoded)

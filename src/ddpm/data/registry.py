@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from ddpm.choices import LOADERS, Loader, check_choice
+from ddpm.choices import LOADERS, SPLITS, Loader, check_choice
 from ddpm.data import builtin, cache, images, standard, toy2d
 from ddpm.data.arrays import (
     ArrayDataset,
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("train", "test")
 STANDARD_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10")
 DATASET_NAMES: tuple[str, ...] = builtin.BUILTIN_IMAGE_NAMES + toy2d.TOY_NAMES + STANDARD_NAMES
 ALIASES: dict[str, str] = {
@@ -140,8 +139,7 @@ def load_dataset(
         hf_streaming: `hf:` only: open the data set as a stream (`ddpm.data.hf.HFStream`), for sets
             larger than the disk; its order is the stream's, and "test" must be a split of it.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_choice("split", split, SPLITS)
     check_choice("loader", loader, LOADERS)
     opts = ImageOptions(
         image_size=image_size, channels=channels, skip_bad_images=skip_bad_images, loader=loader,

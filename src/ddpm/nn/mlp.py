@@ -28,12 +28,15 @@ class MLPConfig:
     time_embed_dim: int = 64  # sinusoidal embedding size of t
     dropout: float = 0.0
     learned_sigma: bool = False  # output [B, 2D]: prediction, then v
+    out_dim: int | None = None  # output size; None: dim (doubled when learned_sigma)
     num_classes: int | None = None  # class-conditional: labels 0..num_classes-1 plus the null class num_classes
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden", "num_blocks", "time_embed_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"MLPConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.out_dim is not None and self.out_dim < 1:
+            raise ValueError(f"MLPConfig: out_dim must be >= 1 or None, got {self.out_dim}")
         if self.time_embed_dim < 4:
             raise ValueError(f"MLPConfig: time_embed_dim must be >= 4, got {self.time_embed_dim}")
         if not 0.0 <= self.dropout < 1.0:
@@ -41,7 +44,8 @@ class MLPConfig:
 
     @property
     def output_dim(self) -> int:
-        return self.dim * (2 if self.learned_sigma else 1)
+        out = self.dim if self.out_dim is None else self.out_dim
+        return out * (2 if self.learned_sigma else 1)
 
     def replace(self, **changes: Any) -> MLPConfig:
         return dataclasses.replace(self, **changes)

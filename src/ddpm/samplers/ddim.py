@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from ddpm.samplers.registry import SamplerOptions, SamplerSpec, option, register_sampler
 from ddpm.samplers.state import SamplerState
+
+
+@dataclass(frozen=True)
+class DDIMOptions(SamplerOptions):
+    eta: float = option(0.0, "noise scale: 0 deterministic (the probability-flow ODE), 1 the ancestral step of "
+                             "fixed_small", low=0.0)
 
 
 def ddim_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,7 +26,7 @@ def ddim_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.T
     the first-order (Euler) solver of the probability-flow ODE in lambda; with eta = 1 it is the
     ancestral step of ``variance="fixed_small"``.
     """
-    eta = float(state.options.get("eta", 0.0))
+    eta = state.options.eta
     d = state.denoise(x, index, remember=False)
     abar = state.alpha_sigma(index)[0] ** 2
     abar_prev = state.alpha_sigma(index - 1)[0] ** 2
@@ -27,3 +35,7 @@ def ddim_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.T
     if s > 0:
         out = out + s * state.noise_like(x)
     return out, d.x0
+
+
+register_sampler(SamplerSpec("ddim", ddim_step, "DDIM (Song et al. 2021), eta = 0 deterministic",
+                             options=DDIMOptions, default_spacing="linspace"))

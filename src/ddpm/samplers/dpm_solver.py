@@ -1,6 +1,6 @@
 """DPM-Solver++ (Lu et al. 2022b): multistep exponential integrators in data (x_0) prediction.
 
-Between chain points s and t, with h = lambda_t - lambda_s > 0 (lambda = log(alpha / sigma), see
+Between chain points s and t, with h = lambda_t - lambda_s > 0 (lambda = log(alpha / sigma), ``lam``, see
 :mod:`ddpm.samplers.state`), the probability-flow ODE (eta = 0) and the reverse SDE (eta = 1) have
 the exact solutions (Lu et al. 2022b, Eq. 9 and its SDE counterpart), with c = 1 + eta:
 
@@ -37,12 +37,19 @@ returns its denoised output m0: every other term vanishes there. A learned varia
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from ddpm.samplers.registry import SamplerOptions, SamplerSpec, option, register_sampler
 from ddpm.samplers.state import SamplerState
 
 LOWER_ORDER_FINAL_BELOW = 15  # grids shorter than this take a second-order step into their last point
+
+
+@dataclass(frozen=True)
+class SDEOptions(SamplerOptions):
+    eta: float = option(1.0, "noise scale of the SDE solver: 1 the reverse SDE, 0 the ODE", low=0.0)
 
 
 def _moments(h: float, c: float) -> tuple[float, float, float]:
@@ -52,18 +59,17 @@ def _moments(h: float, c: float) -> tuple[float, float, float]:
     return -em1, (em1 + u) / c, (-em1 - u + 0.5 * u * u) / (c * c)
 
 
-def dpm_solver_step(state: SamplerState, x: torch.Tensor, index: int, *, order: int) -> tuple[torch.Tensor,
-                                                                                               torch.Tensor]:
+def dpm_solver_step(state: SamplerState, x: torch.Tensor, index: int, *, order: int,
+                    eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One DPM-Solver++ step of at most ``order`` from chain index ``index`` to ``index - 1``.
 
-    Reads option ``eta`` (0: the ODE; 1: the reverse SDE). Returns (x at index - 1, x0_hat).
+    ``eta``: 0 the ODE, 1 the reverse SDE. Returns (x at index - 1, x0_hat).
     """
     d = state.denoise(x, index)
     if index == 0:  # lambda_t = +inf: (sigma_t / sigma_s) and e^{-ch} vanish, x_0 = m0
         return d.x0, d.x0
-    eta = float(state.options.get("eta", 0.0))
     c = 1.0 + eta
-    lam_s, lam_t = d.log_snr, state.log_snr(index - 1)
+    lam_s, lam_t = d.lam, state.lam(index - 1)
     h = lam_t - lam_s
     alpha_t, sigma_t = state.alpha_sigma(index - 1)
     sigma_s = state.alpha_sigma(index)[1]
@@ -73,7 +79,7 @@ def dpm_solver_step(state: SamplerState, x: torch.Tensor, index: int, *, order: 
     if index == 1 and state.num_points < LOWER_ORDER_FINAL_BELOW:
         usable = min(usable, 2)
     m = [e.x0 for e in reversed(state.history[-usable:])]  # m[0] = m0 (here), m[1] = m1, ...
-    lam = [e.log_snr for e in reversed(state.history[-usable:])]
+    lam = [e.lam for e in reversed(state.history[-usable:])]
 
     out = (sigma_t / sigma_s * math.exp(-eta * h)) * x
     if usable == 1:
@@ -93,10 +99,34 @@ def dpm_solver_step(state: SamplerState, x: torch.Tensor, index: int, *, order: 
 
 
 def dpmpp_2m_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2); with option ``eta`` > 0 the SDE variant."""
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2)."""
     return dpm_solver_step(state, x, index, order=2)
+
+
+def dpmpp_2m_sde_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDE-DPM-Solver++(2M): the second-order multistep solver with fresh noise (option ``eta``)."""
+    return dpm_solver_step(state, x, index, order=2, eta=state.options.eta)
 
 
 def dpmpp_3m_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DPM-Solver++(3M): the third-order multistep solver of the ODE (see the module docstring)."""
     return dpm_solver_step(state, x, index, order=3)
+
+
+# Default spacings measured with benchmarks/samplers.py (the demo MNIST model and the 8x8 digits model, cosine
+# schedule): the one that did best around the default NFE; the numbers are in benchmarks/results/samplers-demo.md,
+# samplers-demo-seeds.md and samplers-digits.md.
+register_sampler(SamplerSpec(
+    "dpm++2m", dpmpp_2m_step, "DPM-Solver++(2M), second-order multistep ODE solver (Lu et al. 2022b)",
+    default_spacing="karras", default_steps=20,  # karras: best of the four spacings at 8-20 NFE on both models
+))
+register_sampler(SamplerSpec(
+    "dpm++2m-sde", dpmpp_2m_sde_step,
+    "SDE-DPM-Solver++(2M): second-order multistep with fresh noise (eta = 1: the reverse SDE)",
+    options=SDEOptions, default_spacing="karras", default_steps=20,  # karras: best at 10-20 NFE on both models
+))
+register_sampler(SamplerSpec(
+    "dpm++3m", dpmpp_3m_step, "DPM-Solver++(3M), third-order multistep ODE solver",
+    # trailing: on karras grids the third-order steps went unstable at 10-15 NFE on both models
+    default_spacing="trailing", default_steps=20,
+))

@@ -28,12 +28,20 @@ chain's largest noise. A learned variance is ignored.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ddpm.samplers.state import SamplerState
+from ddpm.processes import GaussianDiffusion
+from ddpm.samplers.registry import SamplerOptions, SamplerSpec, option, register_sampler
+from ddpm.samplers.state import SamplerState, lam_from_log_snr
 
 MAX_GAMMA = math.sqrt(2.0) - 1.0  # Karras et al. Algorithm 2: never more than doubles the variance
+
+
+@dataclass(frozen=True)
+class HeunOptions(SamplerOptions):
+    churn: float = option(0.0, "EDM's S_churn: noise added before each step (0: deterministic)", low=0.0)
 
 
 def heun_points(nfe: int) -> int:
@@ -58,10 +66,10 @@ def heun_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.T
     noisiest intervals the budget leaves and into clean data). Returns (x at index - 1, x0_hat)."""
     alpha = state.alpha_sigma(index)[0]
     s_i = _sigma_hat(state, index)
-    churn = float(state.options.get("churn", 0.0))
+    churn = state.options.churn
     s_hat = s_i
-    if churn > 0 and state.trained is not None:
-        s_max = math.exp(-0.5 * float(state.trained.schedule.log_snr()[-1]))
+    if churn > 0 and isinstance(state.trained, GaussianDiffusion):
+        s_max = math.exp(-lam_from_log_snr(float(state.trained.schedule.log_snr()[-1])))
         s_hat = min(s_i * (1.0 + min(churn / state.num_points, MAX_GAMMA)), max(s_max, s_i))
     if s_hat > s_i:  # Algorithm 2, lines 4-5: z_hat = z + sqrt(s_hat^2 - s_i^2) eps in the z = x / alpha frame
         z = x / alpha + math.sqrt(s_hat**2 - s_i**2) * state.noise_like(x)
@@ -79,3 +87,11 @@ def heun_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.T
         d_next = state.denoise(alpha_next * z_next, index - 1, remember=False)
         z_next = z + (s_next - s_hat) * 0.5 * (d.eps + d_next.eps)
     return alpha_next * z_next, d.x0
+
+
+register_sampler(SamplerSpec(
+    "heun", heun_step, "EDM's Heun sampler (Karras et al. 2022), 2 evaluations per interval; churn > 0 adds noise",
+    options=HeunOptions, points_for_nfe=heun_points, default_steps=20,
+    # log-snr: better than EDM's karras spacing at 15-20 NFE on the demo model (benchmarks/results/samplers-demo.md)
+    default_spacing="log-snr",
+))

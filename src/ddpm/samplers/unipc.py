@@ -1,6 +1,6 @@
 """UniPC (Zhao et al. 2023): multistep predictor UniP and free corrector UniC, data prediction, B(h) = e^{-h} - 1.
 
-A step from s0 to t (h = lambda_t - lambda_s0, lambda = log(alpha / sigma)) writes the exact solution
+A step from s0 to t (h = lambda_t - lambda_s0, lambda = log(alpha / sigma), ``lam``) writes the exact solution
 of the probability-flow ODE (DPM-Solver++'s, see :mod:`ddpm.samplers.dpm_solver`) as
 
     x_t = (sigma_t / sigma_s0) x_s0 - alpha_t (e^{-h} - 1) m0 - alpha_t B(h) sum_k rho_k D_k,
@@ -30,11 +30,17 @@ A learned variance is ignored.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ddpm.errors import UserError
+from ddpm.samplers.registry import SamplerOptions, SamplerSpec, option, register_sampler
 from ddpm.samplers.state import Denoised, SamplerState
+
+
+@dataclass(frozen=True)
+class UniPCOptions(SamplerOptions):
+    order: int = option(2, "order of the predictor UniP (the corrector adds one)", choices=(1, 2, 3))
 
 
 def unipc_rhs(h: float, p: int) -> list[float]:
@@ -59,11 +65,11 @@ def _update(state: SamplerState, x_s: torch.Tensor, s: Denoised, t_index: int, o
     assert s.index is not None
     alpha_t, sigma_t = state.alpha_sigma(t_index)
     sigma_s = state.alpha_sigma(s.index)[1]
-    h = state.log_snr(t_index) - s.log_snr
+    h = state.lam(t_index) - s.lam
     b_h = math.expm1(-h)
     out = (sigma_t / sigma_s) * x_s - (alpha_t * b_h) * s.x0
     for rho, (lam_k, m_k) in zip(rhos, others, strict=True):
-        r_k = (lam_k - s.log_snr) / h
+        r_k = (lam_k - s.lam) / h
         out = out - (alpha_t * b_h * rho / r_k) * (m_k - s.x0)
     return out
 
@@ -79,15 +85,9 @@ def _predictor_order(order: int, index: int, num_points: int) -> int:
     return max(1, min(order, num_points - index, index + 1))
 
 
-def check_unipc_options(options: dict[str, float]) -> None:
-    """UniP's order is 1, 2 or 3 (the corrector adds one)."""
-    if options.get("order", 2) not in (1, 2, 3):
-        raise UserError(f"unipc order must be 1, 2 or 3, got {options['order']:g}")
-
-
 def unipc_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """UniC on the previous step, then UniP towards index - 1 (option ``order``: UniP's order, 1-3)."""
-    order = int(state.options.get("order", 2))
+    order = state.options.order
     d = state.denoise(x, index)
     if index == 0:  # to clean data: x_0 = m0 whatever the correction
         return d.x0, d.x0
@@ -95,23 +95,31 @@ def unipc_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.
     if state.last_x is not None and len(hist) >= 2:  # UniC-p on the step s0 = index + 1 -> t = index
         p = _predictor_order(order, index + 1, state.num_points)
         s0 = hist[-2]
-        earlier = [(e.log_snr, e.x0) for e in reversed(hist[-1 - p:-2])]  # m1 .. m_{p-1}
-        h = d.log_snr - s0.log_snr
+        earlier = [(e.lam, e.x0) for e in reversed(hist[-1 - p:-2])]  # m1 .. m_{p-1}
+        h = d.lam - s0.lam
         if p == 1:
             rhos = [0.5]
         else:
-            rks = [(lam - s0.log_snr) / h for lam, _ in earlier] + [1.0]
+            rks = [(lam - s0.lam) / h for lam, _ in earlier] + [1.0]
             rhos = _solve(rks, unipc_rhs(h, p))
-        x = _update(state, state.last_x, s0, index, [*earlier, (d.log_snr, d.x0)], rhos)
+        x = _update(state, state.last_x, s0, index, [*earlier, (d.lam, d.x0)], rhos)
     state.last_x = x
     p = _predictor_order(order, index, state.num_points)
-    earlier = [(e.log_snr, e.x0) for e in reversed(hist[-p:-1])]  # m1 .. m_{p-1}
-    h = state.log_snr(index - 1) - d.log_snr
+    earlier = [(e.lam, e.x0) for e in reversed(hist[-p:-1])]  # m1 .. m_{p-1}
+    h = state.lam(index - 1) - d.lam
     if p == 1:
         rhos = []
     elif p == 2:
         rhos = [0.5]
     else:
-        rks = [(lam - d.log_snr) / h for lam, _ in earlier]
+        rks = [(lam - d.lam) / h for lam, _ in earlier]
         rhos = _solve(rks, unipc_rhs(h, p - 1))
     return _update(state, x, d, index - 1, earlier, rhos), d.x0
+
+
+register_sampler(SamplerSpec(
+    "unipc", unipc_step, "UniPC-bh2 predictor-corrector (Zhao et al. 2023), order 3 with the default UniP-2",
+    options=UniPCOptions,
+    # trailing, 10: the best sampler at 5 NFE on both models, flat from 8 NFE on (benchmarks/results/samplers-*.md)
+    default_spacing="trailing", default_steps=10,
+))

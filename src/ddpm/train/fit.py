@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddpm.build import build_dataset, build_diffusion, build_model, model_spec, resolve_hflip
+from ddpm.build import build_dataset, build_model, model_spec, resolve_hflip
 from ddpm.config import RunConfig, apply_overrides, validate_config
-from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import is_main_process
 from ddpm.errors import ConfigError, DataError
+from ddpm.processes import DiffusionProcess, build_process
 from ddpm.train.run_folder import check_run_folder
 from ddpm.train.trainer import Trainer
 
@@ -63,15 +63,16 @@ def resolve_config(cfg: RunConfig, dataset: Any) -> RunConfig:
         names = getattr(dataset, "class_names", None)
         updates["model.class_names"] = list(names) if names else [str(c) for c in range(classes)]
     cfg = apply_overrides(cfg, updates)
-    preset, _ = model_spec(cfg.model, shape, learned_sigma=cfg.diffusion.variance == "learned_range")
+    out_channels = build_process(cfg.diffusion).output_channels(shape[0])
+    preset, _ = model_spec(cfg.model, shape, out_channels=out_channels)
     return apply_overrides(cfg, {"model.preset": preset})
 
 
-def grid_callback(out_dir: Path, diffusion: GaussianDiffusion, data_shape: tuple[int, ...],
-                  reference: torch.Tensor | None, *, num: int = 64, steps: int = 50,
-                  seed: int = 0) -> Callable[[nn.Module, int], None]:
-    """A trainer callback writing ``out_dir/samples/step-XXXXXXXX.png``: samples of the EMA model
-    (a grid for images, a scatter over the data for 2-D points), the same seeds every time."""
+def grid_callback(out_dir: Path, process: DiffusionProcess, data_shape: tuple[int, ...],
+                  reference: torch.Tensor | None, *, num: int = 64, seed: int = 0) -> Callable[[nn.Module, int], None]:
+    """A trainer callback writing ``out_dir/samples/step-XXXXXXXX.png``: samples of the EMA model with the
+    process's default sampler (a grid for images, a scatter over the data for 2-D points), the same seeds
+    every time."""
     from ddpm import viz
     from ddpm.samplers import sample
     from ddpm.seeding import item_seeds
@@ -82,7 +83,7 @@ def grid_callback(out_dir: Path, diffusion: GaussianDiffusion, data_shape: tuple
         model.eval()
         gens = [torch.Generator().manual_seed(s) for s in item_seeds(seed, range(num))]
         with torch.inference_mode():
-            x = sample(diffusion, model, (num, *data_shape), sampler="ddim", steps=steps, generator=gens,
+            x = sample(process, model, (num, *data_shape), sampler=process.default_sampler, generator=gens,
                        device=device, clip_denoised=len(data_shape) == 3)
         model.train(was_training)
         path = out_dir / "samples" / f"step-{step:08d}.png"
@@ -96,7 +97,7 @@ def grid_callback(out_dir: Path, diffusion: GaussianDiffusion, data_shape: tuple
 
 def fit(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
         progress: bool = True) -> TrainResult:
-    """Build data, diffusion and network from ``cfg`` and train to ``cfg.train.steps``.
+    """Build data, the diffusion process and the network from ``cfg`` and train to ``cfg.train.steps``.
 
     ``resume``: ``"auto"`` (the newest good checkpoint in ``cfg.train.out_dir`` if there is one, else
     a new run: what a requeued job repeats), ``"latest"`` (that checkpoint, which must exist) or a
@@ -116,16 +117,16 @@ def fit(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = F
     shape = tuple(dataset.shape)
     cfg = resolve_config(cfg, dataset)
     validate_config(cfg)
-    diffusion = build_diffusion(cfg.diffusion)
-    model, _ = build_model(cfg, shape)
+    process = build_process(cfg.diffusion)
+    model, _ = build_model(cfg, shape, process)
     if is_main_process() and progress:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"data: {dataset.name} ({len(dataset)} train, shape {list(shape)}); model: {cfg.model.preset} "
-              f"({n_params / 1e6:.2f}M parameters); {diffusion}", flush=True)
+              f"({n_params / 1e6:.2f}M parameters); {process}", flush=True)
     out_dir = Path(cfg.train.out_dir)
     reference = dataset.get_batch(torch.arange(min(len(dataset), 2000))) if dataset.kind == "vector" else None
-    sample_fn = grid_callback(out_dir, diffusion, shape, reference)
-    trainer = Trainer(cfg, model, diffusion, dataset, eval_dataset=eval_dataset, sample_fn=sample_fn, started=started)
+    sample_fn = grid_callback(out_dir, process, shape, reference)
+    trainer = Trainer(cfg, model, process, dataset, eval_dataset=eval_dataset, sample_fn=sample_fn, started=started)
     summary = trainer.run(resume=resume, overwrite=overwrite)
     return TrainResult(step=summary["step"], checkpoint=summary["checkpoint"],
                        nonfinite_total=summary["nonfinite_total"], config=cfg, set_aside=summary.get("set_aside"),

@@ -62,6 +62,7 @@ from ddpm.config import (
 )
 from ddpm.errors import CheckpointError, NonFiniteLossError, OutputError, UserError
 from ddpm.nn.policy import RuntimePolicy, resolve_policy
+from ddpm.processes import DiffusionProcess
 from ddpm.seeding import derive_seed, seeded_generator
 from ddpm.train.ema import ExponentialMovingAverage
 from ddpm.train.feed import BatchFeed
@@ -71,7 +72,7 @@ from ddpm.train.timesteps import make_timestep_sampler
 
 logger = logging.getLogger("ddpm.train")
 
-NUM_T_BUCKETS = 10  # metrics report the mse in this many equal ranges of t
+NUM_T_BUCKETS = 10  # metrics report the prediction error in this many equal ranges of t
 SampleFn = Callable[[nn.Module, int], Any]
 
 
@@ -130,11 +131,11 @@ class StepStats:
 
     step: int  # steps done including this one (1-based, as in checkpoint names)
     loss: float  # mean objective over the global batch
-    mse: float
+    error: float  # the process's prediction error (its error_metric, e.g. the mse), mean over the global batch
     grad_norm: float  # global gradient norm before clipping
     lr: float
     applied: bool  # False when the step was skipped (non-finite loss or gradient)
-    mse_sum_by_t: list[float]  # per t bucket: summed mse and example counts
+    error_sum_by_t: list[float]  # per t bucket: summed error and example counts
     count_by_t: list[float]
     stop: str | None = None  # why the run stops after this step (a signal's name, "time limit"), agreed by all ranks
 
@@ -148,8 +149,8 @@ class _Window:
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.steps = self.applied = self.nonfinite = 0
-        self.loss = self.mse = self.grad_norm = 0.0
-        self.mse_by_t = [0.0] * NUM_T_BUCKETS
+        self.loss = self.error = self.grad_norm = 0.0
+        self.error_by_t = [0.0] * NUM_T_BUCKETS
         self.count_by_t = [0.0] * NUM_T_BUCKETS
 
     def add(self, s: StepStats) -> None:
@@ -159,20 +160,21 @@ class _Window:
             return
         self.applied += 1
         self.loss += s.loss
-        self.mse += s.mse
+        self.error += s.error
         self.grad_norm += s.grad_norm
-        self.mse_by_t = [a + b for a, b in zip(self.mse_by_t, s.mse_sum_by_t, strict=True)]
+        self.error_by_t = [a + b for a, b in zip(self.error_by_t, s.error_sum_by_t, strict=True)]
         self.count_by_t = [a + b for a, b in zip(self.count_by_t, s.count_by_t, strict=True)]
 
 
 class Trainer:
-    """Trains ``model`` with ``diffusion.training_losses`` on ``dataset``; see the module docstring.
+    """Trains ``model`` with ``process.training_losses`` on ``dataset``; see the module docstring.
 
     Arguments:
         config: the resolved run configuration (its ``train``, ``optim``, ``ema`` sections are used
-            here; the CLI uses the others to build model, diffusion and data).
+            here; :func:`ddpm.fit` uses the others to build model, process and data).
         model: any ``nn.Module`` called as ``model(x_t, t)``; moved to the training device.
-        diffusion: a :class:`ddpm.GaussianDiffusion` (``training_losses``, ``num_timesteps``). Which
+        process: a :class:`~ddpm.processes.protocol.DiffusionProcess` (``training_losses``,
+            ``draw_noise``, ``num_timesteps``). Which
             timesteps are drawn is the trainer's (``diffusion.timestep_sampling`` of the config):
             its timestep sampler is checkpointed with the run.
         dataset: ``len(ds)``, ``ds.get_batch(indices) -> [B, ...]`` in [-1, 1], ``.kind``; or an
@@ -191,7 +193,7 @@ class Trainer:
         self,
         config: RunConfig,
         model: nn.Module,
-        diffusion: Any,
+        process: DiffusionProcess,
         dataset: Any,
         *,
         eval_dataset: Any = None,
@@ -208,8 +210,8 @@ class Trainer:
         self.local_batch, self.micro_batch = per_rank_batch(config, self.world_size)
         self.policy = runtime_policy(config, self.device, model)
 
-        self.config, self.diffusion, self.dataset = config, diffusion, dataset
-        self.timestep_sampler = make_timestep_sampler(config.diffusion.timestep_sampling, diffusion.num_timesteps)
+        self.config, self.process, self.dataset = config, process, dataset
+        self.timestep_sampler = make_timestep_sampler(config.diffusion.timestep_sampling, process.num_timesteps)
         self.eval_dataset, self.sample_fn = eval_dataset, sample_fn
         self.out_dir = Path(tc.out_dir)
         self.is_main = self.rank == 0
@@ -410,7 +412,7 @@ class Trainer:
         y = self.class_labels(fed.y, step) if self.config.model.class_cond else None
         gen = seeded_generator(self.device, tc.seed, "noise", step)
         t, weights = self.timestep_sampler.sample(global_bs, self.device, gen)
-        noise = torch.randn((global_bs, *x0.shape[1:]), generator=gen, device=self.device)
+        noise = self.process.draw_noise((global_bs, *x0.shape[1:]), gen, device=self.device)
         return TrainBatch(x0, y, t[part], weights[part].float(), noise[part])
 
     def class_labels(self, y: torch.Tensor | None, step: int) -> torch.Tensor:
@@ -431,22 +433,22 @@ class Trainer:
 
         Each micro-batch's mean is divided by ``grad_accum`` so the gradient is that of the mean over
         this process's batch; DDP then averages over processes, giving the global-batch mean.
-        Returns detached per-example ``loss``, ``mse``, ``vlb`` (or the loss) and ``t``.
+        Returns detached per-example ``loss``, ``error``, ``observed`` (``vlb`` or the loss) and ``t``.
         """
         accum, mb = self.config.optim.grad_accum, self.micro_batch
         x0, y, t, weights, noise = batch.x0, batch.y, batch.t, batch.weights, batch.noise
-        outs: dict[str, list[torch.Tensor]] = {"loss": [], "mse": [], "observed": [], "t": []}
+        outs: dict[str, list[torch.Tensor]] = {"loss": [], "error": [], "observed": [], "t": []}
         for i in range(accum):
             part = slice(i * mb, (i + 1) * mb)
             last = i == accum - 1
             sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
-                losses = self.diffusion.training_losses(self.forward_model, x0[part], t[part], noise[part],
+                losses = self.process.training_losses(self.forward_model, x0[part], t[part], noise[part],
                                                         y=None if y is None else y[part])
                 loss = losses.loss * weights[part]
                 self.scaler.scale(loss.mean() / accum).backward()
             outs["loss"].append(loss.detach().float())
-            outs["mse"].append(losses.mse.detach().float())
+            outs["error"].append(losses.error.detach().float())
             observed = losses.vlb if losses.vlb is not None else losses.loss
             outs["observed"].append(observed.detach().float())
             outs["t"].append(t[part])
@@ -460,27 +462,27 @@ class Trainer:
 
     def _reduce_stats(self, step: int, per_example: dict[str, torch.Tensor], grad_norm: torch.Tensor,
                       stop_votes: tuple[float, float] = (0.0, 0.0)) -> StepStats:
-        """Sum loss, mse, per-t-bucket mse and the stop votes over processes in one all-reduce (one host sync).
+        """Sum loss, error, per-t-bucket error and the stop votes over processes in one all-reduce (one host sync).
 
         ``stop_votes`` is (signalled, out of time) of this process: one process's vote stops every
         process after this step.
         """
-        loss, mse, t = per_example["loss"], per_example["mse"], per_example["t"]
-        buckets = (t * NUM_T_BUCKETS // self.diffusion.num_timesteps).clamp_(0, NUM_T_BUCKETS - 1)
-        by_t = torch.zeros(NUM_T_BUCKETS, device=mse.device).index_add_(0, buckets, mse)
-        count = torch.zeros(NUM_T_BUCKETS, device=mse.device).index_add_(0, buckets, torch.ones_like(mse))
-        head = torch.stack([loss.sum(), mse.sum(), grad_norm.float().to(mse.device) / self.world_size])
-        votes = torch.tensor(stop_votes, device=mse.device)
+        loss, error, t = per_example["loss"], per_example["error"], per_example["t"]
+        buckets = (t * NUM_T_BUCKETS // self.process.num_timesteps).clamp_(0, NUM_T_BUCKETS - 1)
+        by_t = torch.zeros(NUM_T_BUCKETS, device=error.device).index_add_(0, buckets, error)
+        count = torch.zeros(NUM_T_BUCKETS, device=error.device).index_add_(0, buckets, torch.ones_like(error))
+        head = torch.stack([loss.sum(), error.sum(), grad_norm.float().to(error.device) / self.world_size])
+        votes = torch.tensor(stop_votes, device=error.device)
         values = dist_utils.all_reduce_sum(torch.cat([head, votes, by_t, count])).tolist()
         n = self.config.train.batch_size
-        loss_mean, mse_mean, norm = values[0] / n, values[1] / n, values[2]
+        loss_mean, error_mean, norm = values[0] / n, values[1] / n, values[2]
         stop = None
         if values[3] or values[4]:  # this process's own reason, else the one another process voted for
             stop = self.stop.reason or ("a signal to another process" if values[3] else TIME_LIMIT)
         return StepStats(
-            step=step + 1, loss=loss_mean, mse=mse_mean, grad_norm=norm, lr=self.lr_at(step),
+            step=step + 1, loss=loss_mean, error=error_mean, grad_norm=norm, lr=self.lr_at(step),
             applied=math.isfinite(loss_mean) and math.isfinite(norm),
-            mse_sum_by_t=values[5 : 5 + NUM_T_BUCKETS], count_by_t=values[5 + NUM_T_BUCKETS :], stop=stop,
+            error_sum_by_t=values[5 : 5 + NUM_T_BUCKETS], count_by_t=values[5 + NUM_T_BUCKETS :], stop=stop,
         )
 
     def lr_at(self, step: int) -> float:
@@ -569,13 +571,14 @@ class Trainer:
             "step": self.step,
             "epoch": self.step * bs / len(self.dataset),
             "loss": w.loss / k if w.applied else None,
-            "mse": w.mse / k if w.applied else None,
+            self.process.error_metric: w.error / k if w.applied else None,
             "grad_norm": w.grad_norm / k if w.applied else None,
             "lr": stats.lr,
             "ema_decay": self.ema.current_decay(),
             "images_per_sec": w.steps * bs / elapsed,
             "nonfinite_steps": w.nonfinite,
-            "mse_by_t_bucket": [s / c if c else None for s, c in zip(w.mse_by_t, w.count_by_t, strict=True)],
+            f"{self.process.error_metric}_by_t_bucket": [s / c if c else None
+                                                         for s, c in zip(w.error_by_t, w.count_by_t, strict=True)],
         }
         w.reset()
         if self._progress is not None:
@@ -677,7 +680,7 @@ class Trainer:
             torch.manual_seed(derive_seed(self.config.train.seed, "model-rng", step, self.rank))
             for i in range(accum):
                 part = slice(i * mb, (i + 1) * mb)
-                losses = self.diffusion.training_losses(model, x0[part], t[part], noise[part],
+                losses = self.process.training_losses(model, x0[part], t[part], noise[part],
                                                         y=None if y is None else y[part])
                 total += (losses.loss * weights[part]).float().sum()
         self.model.train(was_training)
@@ -699,18 +702,18 @@ class Trainer:
         tc, ds = self.config.train, self.eval_dataset
         model = self.policy.wrap(self.ema.module)
         gen = seeded_generator(self.device, tc.seed, "eval")
-        total_loss = total_mse = 0.0
+        total_loss = total_error = 0.0
         n = min(len(ds), tc.eval_batches * self.local_batch)
         for start in range(0, n, self.local_batch):
             idx = torch.arange(start, min(start + self.local_batch, n))
             x0 = ds.get_batch(idx).to(self.device).float()
-            t = torch.randint(0, self.diffusion.num_timesteps, (len(idx),), generator=gen, device=self.device)
-            noise = torch.randn(x0.shape, generator=gen, device=self.device)
+            t = torch.randint(0, self.process.num_timesteps, (len(idx),), generator=gen, device=self.device)
+            noise = self.process.draw_noise(x0.shape, gen, device=self.device)
             y = ds.get_labels(idx) if self.config.model.class_cond else None  # the conditional loss, true labels
-            losses = self.diffusion.training_losses(model, x0, t, noise, y=None if y is None else y.to(self.device))
+            losses = self.process.training_losses(model, x0, t, noise, y=None if y is None else y.to(self.device))
             total_loss += losses.loss.sum().item()
-            total_mse += losses.mse.sum().item()
-        return {"eval_loss": total_loss / max(n, 1), "eval_mse": total_mse / max(n, 1)}
+            total_error += losses.error.sum().item()
+        return {"eval_loss": total_loss / max(n, 1), f"eval_{self.process.error_metric}": total_error / max(n, 1)}
 
     def maybe_sample(self) -> None:
         if self.sample_fn is not None and self._due(self.config.train.sample_every) and self.is_main:
