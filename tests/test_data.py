@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ddpm.data import (
-    DATASET_NAMES,
+    DATASETS,
     ArrayDataset,
     ChecksumError,
     DownloadError,
@@ -456,7 +456,7 @@ def test_random_hflip_reproducible_and_per_example():
 def test_unknown_spec_lists_valid_names(tmp_path: Path):
     with pytest.raises(ValueError, match="unknown dataset") as info:
         load_dataset("imagenet-9000")
-    assert all(name in str(info.value) for name in DATASET_NAMES)
+    assert all(name in str(info.value) for name in DATASETS)
     (tmp_path / "x.csv").write_text("1,2")
     with pytest.raises(ValueError, match=r"\.npy or \.npz"):
         load_dataset(tmp_path / "x.csv")
@@ -475,3 +475,50 @@ def test_dataset_to_device_keeps_uint8():
     assert moved.data.dtype == torch.uint8 and moved.get_batch(torch.tensor([0, 2])).shape == (2, 1, 2, 2)
     with pytest.raises(ValueError, match="uint8"):
         ArrayDataset(torch.zeros(3, 1, 2, 2), kind="image", name="z")
+
+
+def test_the_records_agree_with_the_data_they_describe():
+    from ddpm.data import find_dataset
+
+    for name in ("mnist5k", "digits", "moons", "gmm"):  # the sets that need no download
+        record = DATASETS[name]
+        train = load_dataset(name)
+        assert train.kind == record.kind
+        if record.kind == "image":
+            assert train.num_classes == record.num_classes == len(record.class_names) == 10
+            assert set(train.labels.unique().tolist()) == set(range(record.num_classes))
+            assert not record.flippable and record.features == "classifier"  # mirrored digits are not digits
+        else:
+            assert record.features == "points" and record.num_classes is None
+    assert (DATASETS["gmm"].log_density is not None) and DATASETS["moons"].log_density is None
+    assert find_dataset("  MIXTURE ") is DATASETS["gmm"] and find_dataset("CIFAR-10") is DATASETS["cifar10"]
+    assert DATASETS["cifar10"].flippable and DATASETS["cifar10"].features == "inception"
+
+
+def test_a_data_set_added_outside_is_loadable_and_its_facts_reach_training_evaluation_and_help(capsys):
+    """Adding a built-in data set is its loader and record (here, in this test) and nothing else."""
+    import numpy as np
+
+    from ddpm.build import resolve_hflip
+    from ddpm.cli import main
+    from ddpm.config import DataConfig
+    from ddpm.data import DatasetRecord, register_dataset
+
+    def load(request):
+        rng = np.random.default_rng(0 if request.split == "train" else 1)
+        return rng.integers(0, 256, (6, 1, 4, 4), dtype=np.uint8), np.arange(6) % 3
+
+    register_dataset(DatasetRecord("test-stripes", "six 4x4 test images", "image", load,
+                                   frozenset({"image_size", "channels"}), "two fixed random draws",
+                                   class_names=("a", "b", "c"), flippable=True, aliases=("stripes",)))
+    try:
+        data = load_dataset("Stripes", split="test", channels=3)
+        assert data.shape == (3, 4, 4) and data.num_classes == 3 and data.class_names == ("a", "b", "c")
+        assert resolve_hflip(DataConfig(dataset="test-stripes"), data) is True
+        with pytest.raises(ValueError, match="option\\(s\\) holdout_fraction do not apply to dataset 'test-stripes'"):
+            load_dataset("test-stripes", holdout_fraction=0.5)
+        with pytest.raises(SystemExit):
+            main(["train", "--help"])
+        assert "test-stripes" in "".join(capsys.readouterr().out.split())  # help text wraps at hyphens
+    finally:
+        DATASETS.pop("test-stripes")

@@ -120,3 +120,47 @@ def test_fractional_respacing_interpolates_log_snr_and_is_exact_at_integers() ->
     torch.testing.assert_close(r.timestep_map, torch.tensor([0.0, 10.0, 20.5, 99.0], dtype=torch.float64))
     torch.testing.assert_close(d.schedule.timestep_at_log_snr(lam), torch.tensor([0.0, 10.0, 20.5, 99.0],
                                                                                  dtype=torch.float64))
+
+
+def test_a_sampler_with_a_new_option_added_outside_gets_its_flag_checks_and_defaults(tmp_path, capsys) -> None:
+    """Adding a sampler is one module (here, this test) and nothing else: the registry, the typed options,
+    the command line's flags and help read it."""
+    from dataclasses import dataclass
+
+    from ddpm.cli import main
+    from ddpm.samplers import SAMPLERS, SamplerOptions, SamplerSpec, option, register_sampler
+
+    from .test_cli import TINY, write_folder
+
+    @dataclass(frozen=True)
+    class DampedOptions(SamplerOptions):
+        gamma: float = option(1.0, "share of the eps direction kept (1: DDIM)", low=0.0, high=1.0)
+
+    def damped_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = state.denoise(x, index, remember=False)
+        alpha_prev, sigma_prev = state.alpha_sigma(index - 1)
+        return alpha_prev * d.x0 + state.options.gamma * sigma_prev * d.eps, d.x0
+
+    register_sampler(SamplerSpec("test-damped", damped_step, "DDIM with a damped eps direction",
+                                 options=DampedOptions, default_steps=5))
+    try:
+        d = GaussianDiffusion(make_betas("linear", 100))
+        model = lambda x, t: 0.3 * x  # noqa: E731
+        x_T = torch.randn(3, 2)
+        torch.testing.assert_close(sample(d, model, (3, 2), sampler="test-damped", steps=5, noise=x_T),
+                                   sample(d, model, (3, 2), sampler="ddim", steps=5, noise=x_T))  # gamma 1 = DDIM
+        with pytest.raises(ValueError, match="sampler 'test-damped': gamma must be <= 1, got 2.0"):
+            sample(d, model, (3, 2), sampler="test-damped", gamma=2.0)
+
+        run = tmp_path / "run"
+        assert main(["train", "--data", str(write_folder(tmp_path / "data")), "--steps", "2", "--out", str(run),
+                     "--set", "model.num_groups=8", *TINY]) == 0
+        with pytest.raises(SystemExit):
+            main(["sample", "--help"])
+        assert "--gamma GAMMA" in capsys.readouterr().out
+        assert main(["sample", str(run), "--sampler", "test-damped", "--gamma", "0.5", "-n", "2",
+                     "--out", str(tmp_path / "s"), "--device", "cpu"]) == 0
+        assert main(["sample", str(run), "--sampler", "ddim", "--gamma", "0.5", "--out", str(tmp_path / "t")]) == 2
+        assert "sampler 'ddim' has no option(s) ['gamma']" in capsys.readouterr().err
+    finally:
+        SAMPLERS.pop("test-damped")

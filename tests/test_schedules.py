@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ddpm import GaussianDiffusion, make_betas, respace_betas, space_timesteps
-from ddpm.schedules import Schedule
+from ddpm.errors import ConfigError
+from ddpm.schedules import SCHEDULES, Schedule, register_schedule
 
 
 def test_linear_matches_ho_et_al_and_scales_with_T() -> None:
@@ -78,3 +79,49 @@ def test_prior_is_close_to_standard_normal() -> None:
         prior = GaussianDiffusion(make_betas(name, 1000)).prior_bpd(x0)
         assert prior.shape == (16,)
         assert (prior >= 0).all() and prior.max() < 1e-4, name
+
+
+def test_schedule_parameters_are_set_by_name_and_checked() -> None:
+    torch.testing.assert_close(make_betas("cosine", 100, s=0.008), make_betas("cosine", 100), rtol=0, atol=0)
+    assert not torch.equal(make_betas("cosine", 100, s=0.02), make_betas("cosine", 100))
+    linear = make_betas("linear", 1000, beta_start=2e-4, beta_end=0.01)
+    assert linear[0].item() == pytest.approx(2e-4) and linear[-1].item() == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match=r"schedule 'cosine' has no parameter\(s\) \['beta_end'\]; its parameters: "
+                                          r"s \(default 0.008\), max_beta \(default 0.999\)"):
+        make_betas("cosine", 100, beta_end=0.1)
+    with pytest.raises(ConfigError, match="max_beta must lie in"):
+        make_betas("cosine", 100, max_beta=1.5)
+    with pytest.raises(ConfigError, match="beta_start <= beta_end"):
+        make_betas("linear", 100, beta_start=0.1, beta_end=0.01)
+
+
+def test_a_schedule_with_a_parameter_added_outside_is_usable_from_config_and_command_line(capsys) -> None:
+    """Adding a schedule is one class (here, in this test) and nothing else: config, process and --help read it."""
+    from dataclasses import dataclass
+
+    from ddpm.cli import main
+    from ddpm.config import RunConfig, apply_overrides
+    from ddpm.processes import build_process
+
+    @register_schedule("test-power")
+    @dataclass(frozen=True)
+    class PowerSchedule:  # abar_t = 1 - (t/T)^power, a schedule of the family of Kingma et al.'s polynomials
+        power: float = 2.0
+
+        def betas(self, num_timesteps: int) -> torch.Tensor:
+            t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+            abar = (1 - t**self.power).clamp(min=1e-5)
+            return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+
+    try:
+        cfg = apply_overrides(RunConfig(), {"diffusion.schedule": "test-power",
+                                            "diffusion.schedule_options": "power=3", "diffusion.timesteps": 50})
+        process = build_process(cfg.diffusion)
+        torch.testing.assert_close(process.schedule.betas, PowerSchedule(3.0).betas(50))
+        with pytest.raises(ConfigError, match=r"diffusion.schedule_options: schedule 'test-power' has no parameter"):
+            apply_overrides(cfg, {"diffusion.schedule_options": "s=0.1"})
+        with pytest.raises(SystemExit):
+            main(["train", "--help"])
+        assert "test-power(power=2)" in "".join(capsys.readouterr().out.split())  # help text wraps
+    finally:
+        SCHEDULES.pop("test-power")

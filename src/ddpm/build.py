@@ -16,6 +16,7 @@ from torch import nn
 from ddpm.config import DataConfig, ModelConfig, RunConfig
 from ddpm.data import ArrayDataset, LazyImages, load_dataset
 from ddpm.data.hf import HFStream
+from ddpm.data.records import find_dataset
 from ddpm.errors import ConfigError, DataError, UserError
 from ddpm.nn import MLP_PRESETS, PRESETS, MLPDenoiser, UNet, mlp_preset, unet_preset
 from ddpm.processes import DiffusionProcess
@@ -60,20 +61,15 @@ def _load(cfg: DataConfig, split: Literal["train", "test"], seed: int) -> ArrayD
     )
 
 
-# Data sets whose images are not mirror-symmetric in meaning: flips are off unless asked for.
-UNFLIPPABLE_DATASETS = ("mnist5k", "digits", "mnist")
-
-
-def resolve_hflip(cfg: DataConfig, dataset: ArrayDataset) -> bool:
-    """``cfg.hflip`` when set; otherwise flips for images except the digit sets, never for vectors."""
-    from ddpm.data.registry import resolve_name
-
+def resolve_hflip(cfg: DataConfig, dataset: ArrayDataset | LazyImages | HFStream) -> bool:
+    """``cfg.hflip`` when set; otherwise flips for images, except built-in sets whose record says a mirrored
+    example means something else (digits), and never for vectors."""
     if dataset.kind != "image":
         return False
     if cfg.hflip is not None:
         return cfg.hflip
-    name = resolve_name(cfg.dataset) if isinstance(cfg.dataset, str) else None
-    return name not in UNFLIPPABLE_DATASETS
+    record = find_dataset(cfg.dataset)
+    return record is None or record.flippable
 
 
 def auto_preset(data_shape: tuple[int, ...]) -> str:

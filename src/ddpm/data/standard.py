@@ -30,6 +30,8 @@ from typing import Literal
 
 import numpy as np
 
+from ddpm.data.records import DIGITS, DatasetRecord, register_dataset
+
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 CIFAR10_RECORD_BYTES = 1 + 3 * 32 * 32
@@ -290,3 +292,26 @@ def load_cifar10(split: Literal["train", "test"], *, cache_dir: Path | None = No
     """CIFAR-10 split -> (uint8 `[N, 3, 32, 32]`, int64 labels `[N]`); 50,000 train / 10,000 test."""
     folder = (cache_dir or default_cache_dir()) / "cifar10"
     return read_cifar10_binary(fetch(CIFAR10_FILE, folder), split)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records (ddpm.data.records)
+
+OFFICIAL = "the official train and test sets"
+register_dataset(DatasetRecord(
+    "mnist", "MNIST, 28x28 grey digits (downloaded once)", "image",
+    lambda r: load_idx_dataset("mnist", r.split, cache_dir=r.cache_dir), frozenset({"image_size", "channels"}),
+    f"{OFFICIAL}: 60,000 / 10,000", class_names=DIGITS, flippable=False, features="classifier"))
+register_dataset(DatasetRecord(
+    "fashion-mnist", "Fashion-MNIST, 28x28 grey clothing (downloaded once)", "image",
+    lambda r: load_idx_dataset("fashion-mnist", r.split, cache_dir=r.cache_dir), frozenset({"image_size", "channels"}),
+    f"{OFFICIAL}: 60,000 / 10,000",
+    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"),
+    flippable=True, features="classifier", aliases=("fmnist", "fashion_mnist", "fashionmnist")))
+register_dataset(DatasetRecord(
+    "cifar10", "CIFAR-10, 32x32 colour (downloaded once)", "image",
+    lambda r: load_cifar10(r.split, cache_dir=r.cache_dir), frozenset({"image_size", "channels"}),
+    f"{OFFICIAL}: 50,000 / 10,000",
+    class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    flippable=True, features="inception", aliases=("cifar-10", "cifar")))

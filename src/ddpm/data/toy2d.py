@@ -10,6 +10,8 @@
 | `checkerboard` | uniform on the 8 dark cells of a 4x4 board on [-2, 2]^2                          |
 
 `mixture` is an alias of `gmm`. Sampling takes a `torch.Generator`, so samples are reproducible.
+Each split is `DEFAULT_TOY_POINTS` fresh samples (`num_points` to change it) from a seed derived
+from (seed, split); their records (`ddpm.data.records`) are at the end.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.choices import SPLITS, Split
+from ddpm.data.records import DatasetRecord, SourceRequest, register_dataset
+
 TOY_NAMES: tuple[str, ...] = ("moons", "gmm", "swissroll", "checkerboard")
 TOY_ALIASES: dict[str, str] = {"mixture": "gmm", "swiss-roll": "swissroll", "swiss_roll": "swissroll"}
+DEFAULT_TOY_POINTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -105,3 +112,29 @@ def sample_toy(name: str, n: int, *, generator: torch.Generator | None = None) -
 def toy_log_density(name: str) -> Callable[[Tensor], Tensor] | None:
     """The exact log-density function `[B, 2] -> [B]` (nats) of toy `name`, or None if not provided."""
     return GMM.log_density if canonical_toy_name(name) == "gmm" else None
+
+
+def split_seed(seed: int, split: Split) -> int:
+    """Independent seeds for the toy splits: hashing (seed, split) avoids test(seed) == train(seed + 1)."""
+    state = np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
+def _loader(name: str) -> Callable[[SourceRequest], tuple[Tensor, None]]:
+    def load(request: SourceRequest) -> tuple[Tensor, None]:
+        n = DEFAULT_TOY_POINTS if request.num_points is None else request.num_points
+        if n < 1:
+            raise ValueError(f"num_points must be positive, got {n}")
+        generator = torch.Generator().manual_seed(split_seed(request.seed, request.split))
+        return sample_toy(name, n, generator=generator), None
+
+    return load
+
+
+_DESCRIPTIONS = {"moons": "two interleaved half circles", "gmm": "8 Gaussians on a circle (exact log-density)",
+                 "swissroll": "a 2-D spiral", "checkerboard": "the dark cells of a 4x4 board"}
+for _name in TOY_NAMES:
+    register_dataset(DatasetRecord(
+        _name, f"2-D toy: {_DESCRIPTIONS[_name]}", "vector", _loader(_name), frozenset({"num_points"}),
+        f"{DEFAULT_TOY_POINTS:,} fresh points per split, from a seed derived from (seed, split)", features="points",
+        aliases=tuple(a for a, n in TOY_ALIASES.items() if n == _name), log_density=toy_log_density(_name)))

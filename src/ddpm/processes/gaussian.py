@@ -94,7 +94,7 @@ def prediction_target(prediction: Prediction, x0: torch.Tensor, eps: torch.Tenso
 class GaussianConfig(ProcessConfig):
     """The ``[diffusion]`` table of a Gaussian diffusion (``process = "gaussian"``, the default)."""
 
-    schedule: str = described("linear", "beta schedule: " + ", ".join(
+    schedule: str = described("linear", lambda: "beta schedule: " + ", ".join(
         f"{name} ({', '.join(f'{k}={v:g}' for k, v in schedule_parameters(name).items())})" for name in SCHEDULES))
     schedule_options: dict[str, float] = described({}, "the schedule's parameters, e.g. s=0.01 (cosine)")
     prediction: Prediction = described("eps", "what the network predicts: eps, x0 or v")

@@ -22,7 +22,7 @@ bits per dimension, per example ``[B]``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -49,8 +49,9 @@ class TrainingLosses:
     t: torch.Tensor
 
 
-def described(default: Any, help: str) -> Any:
-    """A configuration field with its default and the one line of help the command line shows for it."""
+def described(default: Any, help: str | Callable[[], str]) -> Any:
+    """A configuration field with its default and the one line of help the command line shows for it
+    (a function returning the line when it lists something registered later, such as the schedules)."""
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
