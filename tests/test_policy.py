@@ -291,8 +291,8 @@ def test_train_flags_override_the_policy_and_help_shows_the_config_defaults(tmp_
 # ---------------------------------------------------------------------------------- sampling
 def test_sampling_forward_is_the_wrapped_model_unless_cuda_graphs():
     policy = resolve_policy("cpu", amp="none", machine=EPYC_ZEN4)
-    model = policy.prepare(random_unet())
-    assert policy.sampling_forward(model) is model and not model.training and not policy.cuda_graphs
+    model = policy.prepare(random_unet()).eval()
+    assert policy.sampling_forward(model) is model and not policy.cuda_graphs
     with pytest.raises(ConfigError, match=r"cuda_graphs='on' needs CUDA \(the device is cpu\)"):
         resolve_policy("cpu", cuda_graphs="on", machine=EPYC_ZEN4)
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA tensor"):
@@ -302,7 +302,7 @@ def test_sampling_forward_is_the_wrapped_model_unless_cuda_graphs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
 def test_cuda_graph_replay_matches_eager_and_follows_weight_updates():
     policy = resolve_policy("cuda", amp="bf16", cuda_graphs="on")
-    model = policy.prepare(random_unet())
+    model = policy.prepare(random_unet()).eval()
     net = policy.sampling_forward(model)
     x, t = torch.randn(4, 3, 8, 8, device="cuda"), torch.tensor([1, 2, 3, 4], device="cuda")
     with torch.inference_mode():

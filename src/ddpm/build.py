@@ -8,16 +8,17 @@ reader all build the same thing from the same config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from ddpm.choices import Split
 from ddpm.config import DataConfig, ModelConfig, RunConfig
 from ddpm.data import ArrayDataset, LazyImages, load_dataset
 from ddpm.data.hf import HFStream
 from ddpm.data.records import find_dataset
-from ddpm.errors import ConfigError, DataError, UserError
+from ddpm.errors import ConfigError
 from ddpm.nn import MLP_PRESETS, PRESETS, MLPDenoiser, UNet, mlp_preset, unet_preset
 from ddpm.processes import DiffusionProcess
 
@@ -26,22 +27,12 @@ UNET_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_res
 MLP_FIELDS = ("hidden", "num_blocks", "dropout")
 
 
-def build_dataset(
-    cfg: DataConfig, split: Literal["train", "test"] = "train", *, seed: int = 0
-) -> ArrayDataset | LazyImages | HFStream:
+def build_dataset(cfg: DataConfig, split: Split = "train", *, seed: int = 0) -> ArrayDataset | LazyImages | HFStream:
     """One split of ``cfg.dataset``: in memory, or on demand for large image data (``cfg.loader``).
 
-    Problems with the data are :class:`~ddpm.errors.DataError`.
+    Problems with the data are :class:`~ddpm.errors.DataError` (raised by the data layer, naming the file,
+    option or value); anything else is a bug and keeps its traceback.
     """
-    try:
-        return _load(cfg, split, seed)
-    except UserError:
-        raise
-    except (ValueError, FileNotFoundError) as exc:  # the data layer's complaints about the user's data
-        raise DataError(str(exc)) from exc
-
-
-def _load(cfg: DataConfig, split: Literal["train", "test"], seed: int) -> ArrayDataset | LazyImages | HFStream:
     return load_dataset(
         cfg.dataset,
         split=split,
@@ -104,10 +95,7 @@ def model_spec(cfg: ModelConfig, data_shape: tuple[int, ...], *, out_channels: i
         if len(data_shape) != 1:
             raise ConfigError(f"model preset {preset!r} is for vector data, but the data has shape {data_shape}")
         overrides = {k: getattr(cfg, k) for k in MLP_FIELDS if getattr(cfg, k) is not None}
-        try:
-            arch = mlp_preset(preset, dim=data_shape[0], out_dim=out_channels, **classes, **overrides).to_dict()
-        except ValueError as exc:
-            raise ConfigError(f"[model] {exc}") from exc
+        arch = mlp_preset(preset, dim=data_shape[0], out_dim=out_channels, **classes, **overrides).to_dict()
         return preset, {"kind": "mlp", **arch}
     if preset not in PRESETS:
         valid = ", ".join(["auto", *sorted(PRESETS), *sorted(MLP_PRESETS)])
@@ -121,11 +109,10 @@ def model_spec(cfg: ModelConfig, data_shape: tuple[int, ...], *, out_channels: i
     if "attention_resolutions" not in overrides and h != base.image_size:
         levels = [h // 2**i for i in range(len(base.channel_mult))]
         overrides["attention_resolutions"] = tuple(r for r in levels if r <= 16)[:1]
-    try:
-        arch = unet_preset(preset, in_channels=c, out_channels=out_channels, image_size=h, **classes,
-                           **overrides).to_dict()
-    except ValueError as exc:  # e.g. num_groups not dividing a width, an image size the levels cannot halve
-        raise ConfigError(f"[model] {exc}") from exc
+    # A ConfigError of the U-Net's own checks names the field: num_groups not dividing a width, an image
+    # size the levels cannot halve, ...
+    arch = unet_preset(preset, in_channels=c, out_channels=out_channels, image_size=h, **classes,
+                       **overrides).to_dict()
     return preset, {"kind": "unet", **arch}
 
 

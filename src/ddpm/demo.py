@@ -18,8 +18,8 @@ import torch
 from ddpm import viz
 from ddpm.build import build_dataset
 from ddpm.config import RunConfig, apply_overrides
-from ddpm.evaluate import balanced_labels, card_markdown, evaluate
-from ddpm.outputs import save_samples, write_json
+from ddpm.evaluate import balanced_labels, evaluate, write_eval_card
+from ddpm.outputs import save_samples
 from ddpm.pipeline import Pipeline, load
 from ddpm.train.fit import fit
 
@@ -153,9 +153,5 @@ def run_demo(
     card["training_speed"] = training_speed(out / "run")
     card["sample_seconds"] = round(sample_seconds, 1)
     card["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    if card.get("guidance_sweep") and "label_accuracy" in card["guidance_sweep"][0]:
-        files["guidance: distance against label accuracy"] = viz.save_guidance_plot(
-            card["guidance_sweep"], out / "guidance.png", metric="Frechet distance (classifier features)")
-    files["eval card"] = write_json(out / "eval_card.json", card)
-    (out / "eval_card.md").write_text(card_markdown(card), encoding="utf-8")
+    files.update(write_eval_card(card, out))
     return DemoResult(card, files)

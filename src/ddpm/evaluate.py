@@ -225,6 +225,22 @@ def guidance_sweep(pipe: Pipeline, ref: Reference, draw: Callable[[float], torch
     return rows
 
 
+def write_eval_card(card: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """Write the card as ``eval_card.json`` and ``eval_card.md`` (and ``guidance.png`` for a guidance sweep with
+    label accuracy) into ``folder``; returns what was written, by what it is."""
+    from ddpm import viz
+    from ddpm.outputs import write_json
+
+    written = {"eval card": write_json(folder / "eval_card.json", card)}
+    (folder / "eval_card.md").write_text(card_markdown(card), encoding="utf-8")
+    written["eval card (Markdown)"] = folder / "eval_card.md"
+    if card.get("guidance_sweep") and "label_accuracy" in card["guidance_sweep"][0]:
+        written["guidance: distance against label accuracy"] = viz.save_guidance_plot(
+            card["guidance_sweep"], folder / "guidance.png",
+            metric=f"{card['features'].get('name', 'distance')} Frechet distance")
+    return written
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """The eval card as a two-column Markdown table."""
     options = ", ".join(f"{k} {v}" for k, v in card.get("options", {}).items())
@@ -274,7 +290,7 @@ def sweep(
             t0 = time.perf_counter()
             try:
                 x = pipe.sample(num, sampler=sampler, steps=nfe, seed=seed, batch_size=batch_size)
-            except ValueError as exc:  # e.g. more grid points than the chain has timesteps
+            except UserError as exc:  # e.g. more grid points than the chain has timesteps
                 row = {"sampler": sampler, "nfe": nfe, "skipped": str(exc)}
             else:
                 seconds = time.perf_counter() - t0

@@ -29,7 +29,7 @@ from torch import nn
 
 from ddpm.build import model_from_spec, model_spec
 from ddpm.checkpoint import load_model_weights, read_config, resolve_checkpoint
-from ddpm.choices import AMPS, WEIGHTS, Amp, Weights, check_choice
+from ddpm.choices import AMPS, WEIGHTS, Amp, Toggle, Weights, check_choice
 from ddpm.config import ModelConfig, RunConfig
 from ddpm.diffusers_format import DiffusersFormatError, is_pipeline_folder, read_pipeline_folder, write_pipeline_folder
 from ddpm.distributed import all_gather_tensor, get_rank, get_world_size, resolve_device
@@ -109,13 +109,15 @@ class Pipeline:
         weights: ``"ema"`` or ``"raw"``.
         data_shape: the per-example shape, ``(C, H, W)`` or ``(D,)``.
         amp: the autocast dtype of sampling (``"none"``: float32; ``"auto"``: the device's rule).
+        cuda_graphs: whether each network evaluation of sampling replays a captured CUDA graph
+            (``"on"``, CUDA only; ``"auto"`` is off until ``benchmarks/gpu.py`` has measured it).
         policy: how the network runs on its device (:mod:`ddpm.nn.policy`): the memory layout and
             kernels of the device's rule (the same function up to float rounding) and ``amp``.
     """
 
     def __init__(
         self, model: nn.Module, process: DiffusionProcess, config: RunConfig, *, source: Path, weights: Weights,
-        amp: Amp = "none",
+        amp: Amp = "none", cuda_graphs: Toggle = "auto",
     ) -> None:
         if config.model.data_shape is None:
             raise CheckpointError(f"{source}: the configuration has no model.data_shape")
@@ -125,7 +127,7 @@ class Pipeline:
         self.source = Path(source)
         self.weights = weights
         self.data_shape: tuple[int, ...] = tuple(config.model.data_shape)
-        self.amp = amp
+        self.amp, self.cuda_graphs = amp, cuda_graphs
         self.policy = self._set_up(self.device)
 
     def __repr__(self) -> str:
@@ -192,7 +194,7 @@ class Pipeline:
 
     def _set_up(self, device: torch.device) -> RuntimePolicy:
         """The runtime policy on ``device``; the network moved there in its layout and kernels."""
-        policy = resolve_policy(device, amp=self.amp, model=self.model)
+        policy = resolve_policy(device, amp=self.amp, cuda_graphs=self.cuda_graphs, model=self.model)
         policy.prepare(self.model)
         return policy
 
@@ -249,7 +251,7 @@ class Pipeline:
         labels = self.labels(classes, num)
         if labels is None and guidance != 1.0:
             raise UserError("guidance needs class labels (classes=...)")
-        model = self.policy.wrap(self.guided_model(guidance))
+        model = self.policy.sampling_forward(self.guided_model(guidance))
         mine, per_rank = _my_share(num)
         chunks: Any = range(0, len(mine), batch_size)
         if progress and get_rank() == 0:
@@ -291,7 +293,7 @@ class Pipeline:
         """
         idx = list(range(num))
         labels = self.labels(classes, num)
-        model = self.policy.wrap(self.guided_model(guidance))
+        model = self.policy.sampling_forward(self.guided_model(guidance))
         _, trajectory = sample(
             self.process, model, (num, *self.data_shape), sampler=self.sampler_name(sampler), steps=steps,
             spacing=spacing, clip_denoised=self.clip_denoised, generator=_generators(seed, idx, "sample", self.device),
@@ -392,6 +394,7 @@ class Pipeline:
 # ------------------------------------------------------------------------------------- load
 def load(
     path: str | Path, *, weights: Weights = "ema", device: torch.device | str = "auto", amp: Amp = "none",
+    cuda_graphs: Toggle = "auto",
 ) -> Pipeline:
     """A :class:`Pipeline` from a run folder (its newest complete checkpoint), a checkpoint folder
     or a diffusers pipeline folder, with ``weights`` (``"ema"`` or ``"raw"``; a diffusers folder
@@ -410,7 +413,7 @@ def load(
         config = RunConfig(diffusion=parts.diffusion, model=ModelConfig(preset="diffusers",
                                                                         data_shape=parts.data_shape))
         return Pipeline(parts.model.to(target), build_process(parts.diffusion), config, source=path,
-                        weights=weights, amp=amp)
+                        weights=weights, amp=amp, cuda_graphs=cuda_graphs)
     folder = resolve_checkpoint(path)
     config = read_config(folder)
     if config.model.data_shape is None:
@@ -420,4 +423,5 @@ def load(
     _, spec = model_spec(config.model, shape, out_channels=process.output_channels(shape[0]))
     model = model_from_spec(spec)
     load_model_weights(folder, model, which=weights)
-    return Pipeline(model.to(target), process, config, source=folder, weights=weights, amp=amp)
+    return Pipeline(model.to(target), process, config, source=folder, weights=weights, amp=amp,
+                    cuda_graphs=cuda_graphs)

@@ -47,26 +47,20 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import ddpm
     from ddpm.distributed import resolve_device
-    from ddpm.evaluate import card_markdown, evaluate
-    from ddpm.outputs import prepare_output_folder, write_json
+    from ddpm.evaluate import card_markdown, evaluate, write_eval_card
+    from ddpm.outputs import prepare_output_folder
 
     pipe = ddpm.load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
     sampler = pipe.sampler_name(args.sampler)
     options = sampler_options(args, sampler)  # checked before anything is written
     out = prepare_output_folder(args.out or default_out(pipe.source, "eval"),
-                                produces=["eval_card.json", "eval_card.md"], force=args.force)
+                                produces=["eval_card.json", "eval_card.md", "guidance.png"], force=args.force)
     card = evaluate(pipe, num=args.num, sampler=sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
                     batch_size=args.batch_size, data=args.data, features=args.features,
                     inception_weights=args.inception_weights,
                     nll_images=args.nll_images, nll_terms=args.nll_terms, guidance=args.guidance,
                     guidance_scales=args.guidance_scales if pipe.can_guide else (), **options)
-    write_json(out / "eval_card.json", card)
-    if card.get("guidance_sweep") and "label_accuracy" in card["guidance_sweep"][0]:
-        from ddpm import viz
-
-        viz.save_guidance_plot(card["guidance_sweep"], out / "guidance.png",
-                               metric=card["features"].get("name", "distance") + " Frechet distance")
-    (out / "eval_card.md").write_text(card_markdown(card), encoding="utf-8")
+    written = write_eval_card(card, out)
     say(card_markdown(card))
-    say(f"wrote {out / 'eval_card.json'} and {out / 'eval_card.md'}")
+    say("wrote " + ", ".join(str(p) for p in written.values()))
     return 0

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from ddpm.choices import AMPS
+from ddpm.choices import AMPS, TOGGLES
 from ddpm.cli.common import (
     HelpFormatter,
     add_checkpoint_flags,
@@ -33,6 +33,9 @@ def register(sub: Any) -> None:
     p.add_argument("--amp", choices=AMPS, default="none",
                    help="autocast dtype of the network (none: float32; auto: the device's rule, e.g. bf16 on CPUs "
                         "with AVX-512 BF16 or AMX; fp16: CUDA only)")
+    p.add_argument("--cuda-graphs", choices=TOGGLES, default="auto",
+                   help="replay each network evaluation from a captured CUDA graph (on: CUDA only; auto: off until "
+                        "benchmarks/gpu.py has measured it)")
     p.set_defaults(func=run)
 
 
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     device, _, _ = setup_distributed(args.device)
     try:
-        pipe = ddpm.load(args.checkpoint, weights=args.weights, device=device, amp=args.amp)
+        pipe = ddpm.load(args.checkpoint, weights=args.weights, device=device, amp=args.amp,
+                         cuda_graphs=args.cuda_graphs)
         out = args.out or default_out(pipe.source, "samples")
         sampler = pipe.sampler_name(args.sampler)
         options = sampler_options(args, sampler)  # checked before anything is written

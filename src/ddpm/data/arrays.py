@@ -189,7 +189,7 @@ class ArrayDataset(Dataset[Tensor]):
 def holdout_count(n: int, fraction: float) -> int:
     """Number of held-out examples: `round(fraction * n)`, at least 1 when fraction > 0."""
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+        raise DataError(f"holdout fraction must be in [0, 1), got {fraction}")
     return 0 if fraction == 0.0 else max(1, round(fraction * n))
 
 
@@ -201,7 +201,7 @@ def random_holdout(n: int, fraction: float, *, seed: int = 0) -> tuple[np.ndarra
     """
     n_test = holdout_count(n, fraction)
     if n_test >= n and n_test > 0:
-        raise ValueError(f"cannot hold out {n_test} of {n} examples; pass holdout_fraction=0 to use all")
+        raise DataError(f"cannot hold out {n_test} of {n} examples; pass holdout_fraction=0 to use all")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
@@ -248,13 +248,13 @@ def images_to_nchw(array: np.ndarray, *, source: str) -> np.ndarray:
     in 0..255. `source` names the file in error messages.
     """
     if not (np.issubdtype(array.dtype, np.integer) and array.ndim in (3, 4)):
-        raise ValueError(
+        raise DataError(
             f"{source}: images must be an integer array (N, H, W), (N, H, W, C) or (N, C, H, W) "
             f"with values 0..255; got dtype {array.dtype}, shape {array.shape}"
         )
     if array.dtype != np.uint8:
         if array.size and (array.min() < 0 or array.max() > 255):
-            raise ValueError(f"{source}: integer image values must lie in 0..255, shape {array.shape}")
+            raise DataError(f"{source}: integer image values must lie in 0..255, shape {array.shape}")
         array = array.astype(np.uint8)
     if array.ndim == 3:
         return array[:, None]
@@ -262,7 +262,7 @@ def images_to_nchw(array: np.ndarray, *, source: str) -> np.ndarray:
         return np.ascontiguousarray(array.transpose(0, 3, 1, 2))
     if array.shape[1] in (1, 3, 4):
         return np.ascontiguousarray(array)
-    raise ValueError(
+    raise DataError(
         f"{source}: cannot tell the channel axis of shape {array.shape}; expected (N, H, W, C) or "
         "(N, C, H, W) with C in {1, 3, 4}"
     )
@@ -296,7 +296,7 @@ def read_array_file(path: Path, *, key: str | None = None) -> tuple[np.ndarray, 
     if labels is not None and (
         labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer)
     ):
-        raise ValueError(
+        raise DataError(
             f"{path}: labels {label_key!r} must be integers of shape ({data.shape[0]},), "
             f"got dtype {labels.dtype}, shape {labels.shape}"
         )
@@ -320,12 +320,12 @@ def vectors_to_float(array: np.ndarray, *, source: str) -> np.ndarray:
         hint = ""
         if np.issubdtype(array.dtype, np.integer) and array.ndim == 2:
             hint = "; integer (N, D) arrays are ambiguous: reshape images to (N, H, W[, C]) or cast to float"
-        raise ValueError(
+        raise DataError(
             f"{source}: low-dimensional data must be a float array (N, D); "
             f"got dtype {array.dtype}, shape {array.shape}{hint}"
         )
     if not np.isfinite(array).all():
-        raise ValueError(f"{source}: the array contains NaN or infinite values")
+        raise DataError(f"{source}: the array contains NaN or infinite values")
     return array.astype(np.float32)
 
 

@@ -50,7 +50,7 @@ class ImageDecodeError(DataError):
 def find_images(folder: Path) -> list[Path]:
     """All image files under `folder` (recursive, extensions in `IMAGE_EXTENSIONS`, any case), sorted."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise DataError(f"image folder not found: {folder}")
     found = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
@@ -91,7 +91,7 @@ def infer_channels(img: PILImage.Image) -> int:
 def to_channels(img: PILImage.Image, channels: int) -> PILImage.Image:
     """Convert to the Pillow mode of `channels` (1: L, 2: LA, 3: RGB, 4: RGBA), see module docstring."""
     if channels not in _MODE_FOR_CHANNELS:
-        raise ValueError(f"channels must be one of {sorted(_MODE_FOR_CHANNELS)}, got {channels}")
+        raise DataError(f"channels must be one of {sorted(_MODE_FOR_CHANNELS)}, got {channels}")
     if img.mode.startswith("I;16") or img.mode == "I":
         # 16-bit grey (the only integer mode of the supported formats: 16-bit PNG): v -> round(v * 255 / 65535)
         # exactly, whatever the image's own range (Pillow's I -> L conversion clips at 255 instead).
@@ -175,7 +175,7 @@ def load_image_files(
                 skipped.append(path)
                 continue
             if kept and result.shape != kept[0].shape:
-                raise ValueError(
+                raise DataError(
                     f"image {path} has shape {result.shape[1:]} but {paths[0]} has {kept[0].shape[1:]}; "
                     "pass image_size to resize and crop all images to one size"
                 )
@@ -185,7 +185,7 @@ def load_image_files(
         logger.warning(message)
         warnings.warn(message, stacklevel=2)
     if not kept:
-        raise ValueError(f"none of the {len(paths)} image files could be decoded")
+        raise DataError(f"none of the {len(paths)} image files could be decoded")
     return np.stack(kept), skipped
 
 
@@ -197,7 +197,7 @@ def first_decodable(paths: Sequence[Path], *, skip_bad_images: bool) -> PILImage
         except ImageDecodeError:
             if not skip_bad_images:
                 raise
-    raise ValueError(f"none of the {len(paths)} image files could be decoded")
+    raise DataError(f"none of the {len(paths)} image files could be decoded")
 
 
 def conform_images(images: np.ndarray, *, image_size: int | None, channels: int | None) -> np.ndarray:
@@ -215,7 +215,7 @@ def conform_images(images: np.ndarray, *, image_size: int | None, channels: int 
     target_c = c if channels is None else channels
     mode = _MODE_FOR_CHANNELS.get(c)
     if mode is None:
-        raise ValueError(f"cannot convert images with {c} channels; expected 1 to 4")
+        raise DataError(f"cannot convert images with {c} channels; expected 1 to 4")
     out = []
     for image in images:
         hwc = image[0] if c == 1 else image.transpose(1, 2, 0)

@@ -158,7 +158,7 @@ def load_dataset(
     if path.is_file():
         return _load_array_file(path, split, fraction, image_size, channels, array_key, standardize)
     aliases = [a for r in DATASETS.values() for a in r.aliases]
-    raise ValueError(
+    raise DataError(
         f"unknown dataset {str(spec)!r}: not a built-in name ({', '.join(DATASETS)}; "
         f"aliases {', '.join(aliases)}) and no such folder or .npy/.npz file"
     )
@@ -167,7 +167,7 @@ def load_dataset(
 def _reject_options(source: str, **options: object) -> None:
     given = [k for k, v in options.items() if v is not None]
     if given:
-        raise ValueError(f"option(s) {', '.join(given)} do not apply to dataset {source!r}")
+        raise DataError(f"option(s) {', '.join(given)} do not apply to dataset {source!r}")
 
 
 def _pick(train_test: tuple[np.ndarray, np.ndarray], split: Split, fraction: float) -> np.ndarray | slice:
@@ -301,7 +301,7 @@ def _load_array_file(
 ) -> ArrayDataset:
     array, labels = read_array_file(path, key=array_key)
     if array.ndim == 0 or array.shape[0] == 0:
-        raise ValueError(f"{path}: the array is empty (shape {array.shape})")
+        raise DataError(f"{path}: the array is empty (shape {array.shape})")
     train_idx, test_idx = random_holdout(array.shape[0], fraction, seed=SPLIT_SEED)
     keep = _pick((train_idx, test_idx), split, fraction)
     split_labels = None if labels is None else labels[keep]

@@ -31,6 +31,7 @@ from typing import Literal
 import numpy as np
 
 from ddpm.data.records import DIGITS, DatasetRecord, register_dataset
+from ddpm.errors import DataError
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -38,11 +39,11 @@ CIFAR10_RECORD_BYTES = 1 + 3 * 32 * 32
 _CHUNK = 1 << 20
 
 
-class ChecksumError(ValueError):
+class ChecksumError(DataError):
     """A downloaded or cached file does not have the published SHA-256."""
 
 
-class DownloadError(OSError):
+class DownloadError(DataError, OSError):
     """No URL of a file could be fetched; the message says where to place the file by hand."""
 
 
@@ -206,12 +207,12 @@ def read_idx_images(path: Path) -> np.ndarray:
     """Read an IDX image file (gzip'ed or not) to uint8 `[N, rows, cols]`."""
     raw = _read_maybe_gzip(Path(path))
     if len(raw) < 16:
-        raise ValueError(f"{path}: too short for an IDX image header ({len(raw)} bytes)")
+        raise DataError(f"{path}: too short for an IDX image header ({len(raw)} bytes)")
     magic, n, rows, cols = struct.unpack(">iiii", raw[:16])
     if magic != IDX_IMAGES_MAGIC:
-        raise ValueError(f"{path}: IDX image magic number is {magic}, expected {IDX_IMAGES_MAGIC}")
+        raise DataError(f"{path}: IDX image magic number is {magic}, expected {IDX_IMAGES_MAGIC}")
     if len(raw) - 16 != n * rows * cols:
-        raise ValueError(f"{path}: header says {n}x{rows}x{cols} pixels but {len(raw) - 16} bytes follow")
+        raise DataError(f"{path}: header says {n}x{rows}x{cols} pixels but {len(raw) - 16} bytes follow")
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols).copy()
 
 
@@ -219,12 +220,12 @@ def read_idx_labels(path: Path) -> np.ndarray:
     """Read an IDX label file (gzip'ed or not) to int64 `[N]`."""
     raw = _read_maybe_gzip(Path(path))
     if len(raw) < 8:
-        raise ValueError(f"{path}: too short for an IDX label header ({len(raw)} bytes)")
+        raise DataError(f"{path}: too short for an IDX label header ({len(raw)} bytes)")
     magic, n = struct.unpack(">ii", raw[:8])
     if magic != IDX_LABELS_MAGIC:
-        raise ValueError(f"{path}: IDX label magic number is {magic}, expected {IDX_LABELS_MAGIC}")
+        raise DataError(f"{path}: IDX label magic number is {magic}, expected {IDX_LABELS_MAGIC}")
     if len(raw) - 8 != n:
-        raise ValueError(f"{path}: header says {n} labels but {len(raw) - 8} bytes follow")
+        raise DataError(f"{path}: header says {n} labels but {len(raw) - 8} bytes follow")
     return np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64)
 
 
@@ -237,11 +238,11 @@ def cifar10_batch_names(split: Literal["train", "test"]) -> tuple[str, ...]:
 def parse_cifar10_records(raw: bytes, *, source: str) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 binary records -> (uint8 images `[N, 3, 32, 32]`, int64 labels `[N]`)."""
     if len(raw) % CIFAR10_RECORD_BYTES:
-        raise ValueError(f"{source}: {len(raw)} bytes is not a multiple of the {CIFAR10_RECORD_BYTES}-byte record")
+        raise DataError(f"{source}: {len(raw)} bytes is not a multiple of the {CIFAR10_RECORD_BYTES}-byte record")
     records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR10_RECORD_BYTES)
     labels = records[:, 0].astype(np.int64)
     if labels.size and labels.max() > 9:
-        raise ValueError(f"{source}: label {labels.max()} out of range 0..9")
+        raise DataError(f"{source}: label {labels.max()} out of range 0..9")
     return records[:, 1:].reshape(-1, 3, 32, 32).copy(), labels
 
 
@@ -262,7 +263,7 @@ def read_cifar10_binary(path: Path, split: Literal["train", "test"]) -> tuple[np
                     found[base] = stream.read()
     missing = [name for name in wanted if name not in found]
     if missing:
-        raise ValueError(f"{path}: missing CIFAR-10 batch file(s) {missing}")
+        raise DataError(f"{path}: missing CIFAR-10 batch file(s) {missing}")
     parts = [parse_cifar10_records(found[name], source=f"{path}:{name}") for name in wanted]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -284,7 +285,7 @@ def load_idx_dataset(
     images = read_idx_images(fetch(files[f"{split}-images"], folder))
     labels = read_idx_labels(fetch(files[f"{split}-labels"], folder))
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{variant} {split}: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise DataError(f"{variant} {split}: {images.shape[0]} images but {labels.shape[0]} labels")
     return images[:, None], labels
 
 

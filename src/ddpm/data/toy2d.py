@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ddpm.choices import SPLITS, Split
 from ddpm.data.records import DatasetRecord, SourceRequest, register_dataset
+from ddpm.errors import DataError
 
 TOY_NAMES: tuple[str, ...] = ("moons", "gmm", "swissroll", "checkerboard")
 TOY_ALIASES: dict[str, str] = {"mixture": "gmm", "swiss-roll": "swissroll", "swiss_roll": "swissroll"}
@@ -100,7 +101,7 @@ def canonical_toy_name(name: str) -> str:
     """Resolve aliases and check the name; raises ValueError listing the valid names."""
     key = TOY_ALIASES.get(name.lower(), name.lower())
     if key not in _SAMPLERS:
-        raise ValueError(f"unknown 2-D toy {name!r}; valid: {', '.join(TOY_NAMES + tuple(TOY_ALIASES))}")
+        raise DataError(f"unknown 2-D toy {name!r}; valid: {', '.join(TOY_NAMES + tuple(TOY_ALIASES))}")
     return key
 
 
@@ -124,7 +125,7 @@ def _loader(name: str) -> Callable[[SourceRequest], tuple[Tensor, None]]:
     def load(request: SourceRequest) -> tuple[Tensor, None]:
         n = DEFAULT_TOY_POINTS if request.num_points is None else request.num_points
         if n < 1:
-            raise ValueError(f"num_points must be positive, got {n}")
+            raise DataError(f"num_points must be positive, got {n}")
         generator = torch.Generator().manual_seed(split_seed(request.seed, request.split))
         return sample_toy(name, n, generator=generator), None
 

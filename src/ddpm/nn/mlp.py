@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddpm.errors import ConfigError
 from ddpm.nn.embedding import as_timesteps, timestep_embedding
 
 __all__ = ["MLPConfig", "MLPDenoiser", "MLP_PRESETS", "mlp_preset"]
@@ -34,13 +35,13 @@ class MLPConfig:
     def __post_init__(self) -> None:
         for name in ("dim", "hidden", "num_blocks", "time_embed_dim"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"MLPConfig: {name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"MLPConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.out_dim is not None and self.out_dim < 1:
-            raise ValueError(f"MLPConfig: out_dim must be >= 1 or None, got {self.out_dim}")
+            raise ConfigError(f"MLPConfig: out_dim must be >= 1 or None, got {self.out_dim}")
         if self.time_embed_dim < 4:
-            raise ValueError(f"MLPConfig: time_embed_dim must be >= 4, got {self.time_embed_dim}")
+            raise ConfigError(f"MLPConfig: time_embed_dim must be >= 4, got {self.time_embed_dim}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"MLPConfig: dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"MLPConfig: dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def output_dim(self) -> int:
@@ -61,7 +62,7 @@ MLP_PRESETS: dict[str, MLPConfig] = {
 
 def mlp_preset(name: str, **overrides: Any) -> MLPConfig:
     if name not in MLP_PRESETS:
-        raise ValueError(f"unknown MLP preset {name!r}; valid names: {sorted(MLP_PRESETS)}")
+        raise ConfigError(f"unknown MLP preset {name!r}; valid names: {sorted(MLP_PRESETS)}")
     return MLP_PRESETS[name].replace(**overrides)
 
 

@@ -281,9 +281,10 @@ class RuntimePolicy:
                 stack.enter_context(sdpa_kernel([kernel]))
             yield
 
-    def sampling_forward(self, model: nn.Module) -> nn.Module:
-        """The network for sampling: :meth:`wrap`, replayed from CUDA graphs when ``cuda_graphs`` is on."""
-        net = self.wrap(model.eval())
+    def sampling_forward(self, model: Any) -> Any:
+        """The network for sampling (put it in eval mode first): :meth:`wrap`, replayed from CUDA graphs when
+        ``cuda_graphs`` is on. ``model`` may be any network callable, e.g. a guided one."""
+        net = self.wrap(model)
         return CudaGraphForward(net) if self.cuda_graphs else net
 
     def optimizer_kwargs(self) -> dict[str, Any]:
@@ -312,35 +313,44 @@ class CudaGraphForward(nn.Module):
     place). Needs CUDA.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
-        self._graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple, tuple[Any, list[torch.Tensor], torch.Tensor]] = {}
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:  # the sampling driver finds the device
+        params = getattr(self.model, "parameters", None)
+        return params(recurse) if callable(params) else iter(())
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.device.type != "cuda":
             raise RuntimeError(f"CUDA graphs need a CUDA tensor, got one on {x.device}")
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, x.device)
+        inputs = [x, t] if y is None else [x, t, y]
+        key = tuple((tuple(a.shape), a.dtype) for a in inputs) + (x.device,)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(x.clone(), t.clone())
-        graph, static_x, static_t, static_out = self._graphs[key]
-        static_x.copy_(x)
-        static_t.copy_(t)
+            self._graphs[key] = self._capture([a.clone() for a in inputs])
+        graph, static_inputs, static_out = self._graphs[key]
+        for static, value in zip(static_inputs, inputs, strict=True):
+            static.copy_(value)
         graph.replay()
         return static_out.clone()
 
-    def _capture(self, x: torch.Tensor, t: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+    def _call(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return self.model(*inputs[:2]) if len(inputs) == 2 else self.model(*inputs[:2], y=inputs[2])
+
+    def _capture(self, inputs: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor], torch.Tensor]:
+        device = inputs[0].device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the graph: kernels chosen, workspaces allocated
             for _ in range(3):
-                self.model(x, t)
-        torch.cuda.current_stream(x.device).wait_stream(side)
+                self._call(inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.model(x, t)
-        return graph, x, t, out
+            out = self._call(inputs)
+        return graph, inputs, out
 
 
 class PolicyForward(nn.Module):

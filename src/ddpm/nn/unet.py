@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ddpm.errors import ConfigError
 from ddpm.nn.embedding import as_timesteps, timestep_embedding
 
 __all__ = ["UNetConfig", "UNet", "PRESETS", "unet_preset", "param_count"]
@@ -115,7 +116,7 @@ class UNetConfig:
     # ------------------------------------------------------------------------------- validation
     def validate(self) -> None:
         def fail(msg: str) -> None:
-            raise ValueError(f"UNetConfig: {msg}")
+            raise ConfigError(f"UNetConfig: {msg}")
 
         positive = ("in_channels", "base_channels", "num_res_blocks", "image_size", "num_groups", "num_heads")
         for name in positive:
@@ -214,7 +215,7 @@ PRESETS: dict[str, UNetConfig] = {
 def unet_preset(name: str, **overrides: Any) -> UNetConfig:
     """The named preset from :data:`PRESETS`, with ``overrides`` applied to its fields."""
     if name not in PRESETS:
-        raise ValueError(f"unknown U-Net preset {name!r}; valid names: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown U-Net preset {name!r}; valid names: {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 

@@ -112,7 +112,7 @@ def fit(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = F
     dataset = build_dataset(cfg.data, "train")
     try:
         eval_dataset = build_dataset(cfg.data, "test")
-    except (DataError, ValueError):  # a data set without a held-out split trains without eval losses
+    except DataError:  # a data set without a held-out split trains without eval losses
         eval_dataset = None
     shape = tuple(dataset.shape)
     cfg = resolve_config(cfg, dataset)
