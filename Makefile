@@ -1,4 +1,4 @@
-# One-command set-up. `make test` = venv + CPU torch + project with test extras + lint + tests.
+# One-command set-up. `make test` = venv + CPU torch + project with test extras + lint + types + tests.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -14,6 +14,7 @@ $(BIN)/.installed: pyproject.toml
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -169,7 +169,7 @@ def test_the_time_limit_stops_before_the_limit_with_a_checkpoint(data: Path, tmp
     assert time.monotonic() - started < 4.0
     assert result.stopped == TIME_LIMIT and 0 < result.step < 1_000_000
     assert find_checkpoint(tmp_path / "run").step == result.step
-    more = ddpm.fit(apply_overrides(cfg, {"train.steps": result.step + 2, "train.time_limit": None}), resume="auto",
+    more = ddpm.fit(apply_overrides(cfg, {"train.steps": result.step + 2, "train.time_limit": "none"}), resume="auto",
                     progress=False)
     assert more.stopped is None and more.step == result.step + 2
 

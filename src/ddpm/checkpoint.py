@@ -280,7 +280,9 @@ def prune_checkpoints(out_dir: str | Path, keep_last: int, *, protect: str | Pat
         limit = checkpoint_step(protect)
         folders = [p for p in folders if limit is None or (checkpoint_step(p) or 0) <= limit]
     keep = set(folders[-keep_last:])
-    keep.add(protect if protect is not None else _newest_good(folders))
+    spared = protect if protect is not None else _newest_good(folders)
+    if spared is not None:
+        keep.add(spared)
     doomed = [p for p in folders if p not in keep]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
@@ -520,7 +522,7 @@ def load_train_state(path: str | Path, *, map_location: str | torch.device = "cp
             "only tensors and plain containers there, so the file is corrupt or was not written by ddpm"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{file} is not a readable training state ({exc or type(exc).__name__})") from None
+        raise CheckpointError(f"{file} is not a readable training state ({str(exc) or type(exc).__name__})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{file} does not hold a ddpm training state (no integer 'step')")
     return state

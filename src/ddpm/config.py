@@ -314,7 +314,9 @@ def section_class(section: str, values: dict[str, Any]) -> type[Any]:
             raise ConfigError(f"diffusion.process={name!r} is not valid: expected the name of a process")
         return process_entry(name).config
     factory = next(f for f in dataclasses.fields(RunConfig) if f.name == section).default_factory
-    return factory  # type: ignore[return-value]  # every other section's factory is its class
+    if not isinstance(factory, type):  # every other section's factory is its dataclass
+        raise TypeError(f"RunConfig.{section} has no dataclass as its default factory")
+    return factory
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -71,7 +71,7 @@ def training_speed(run_dir: Path) -> dict[str, Any]:
     """Median training images/s of the run and the machine and runtime choices it ran with (from metrics.jsonl)."""
     rows = metrics_rows(run_dir)
     speeds = sorted(r["images_per_sec"] for r in rows if r.get("images_per_sec"))
-    runtime = next((r["runtime"] for r in reversed(rows) if "runtime" in r), {})
+    runtime: dict[str, Any] = next((r["runtime"] for r in reversed(rows) if "runtime" in r), {})
     return {"images_per_sec": round(speeds[len(speeds) // 2], 1) if speeds else None,
             "machine": runtime.get("machine"), "threads": runtime.get("threads"), "amp": runtime.get("amp"),
             "memory_format": runtime.get("memory_format")}
@@ -123,14 +123,15 @@ def run_demo(
     pipe = load(out / "run", weights="ema", device="cpu")
     files: dict[str, Path] = {}
 
-    labels = balanced_labels(num_samples, pipe.num_classes) if class_cond and pipe.num_classes else None
+    num_classes = pipe.num_classes if class_cond else None
+    labels = balanced_labels(num_samples, num_classes) if num_classes else None
     w = guidance if labels is not None else 1.0
     t0 = time.perf_counter()
     x = pipe.sample(num_samples, sampler=sampler, steps=sample_steps, seed=seed, batch_size=100, classes=labels,
                     guidance=w)
     sample_seconds = time.perf_counter() - t0
     trajectory = pipe.reverse_chain(36, sampler=sampler, steps=sample_steps, seed=seed, frames=sample_steps + 1,
-                                    classes=None if labels is None else balanced_labels(36, pipe.num_classes),
+                                    classes=balanced_labels(36, num_classes) if num_classes else None,
                                     guidance=w)
     files["samples (uint8 [N, 28, 28, 1], k/127.5 - 1)"] = save_samples(x, out, ["npz"], is_image=True)[0]
     if labels is None:

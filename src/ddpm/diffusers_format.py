@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ddpm.choices import Prediction, Variance
 from ddpm.errors import UserError
 from ddpm.nn import UNet, load_pretrained
 from ddpm.nn.pretrained import NULL_CLASS_KEY, config_to_diffusers, to_diffusers_state_dict
@@ -41,9 +42,9 @@ from ddpm.processes import GaussianConfig
 from ddpm.schedules import make_betas, make_schedule
 
 DIFFUSERS_VERSION = "0.25.0"  # the oldest diffusers whose config format we write and have tested against
-PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-PREDICTION_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}
-VARIANCE_FROM_DIFFUSERS = {
+PREDICTION_TO_DIFFUSERS: dict[Prediction, str] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+PREDICTION_FROM_DIFFUSERS: dict[str, Prediction] = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}
+VARIANCE_FROM_DIFFUSERS: dict[str, Variance] = {
     "fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
     "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
     "learned_range": "learned_range",
@@ -217,8 +218,8 @@ def diffusion_from_scheduler(cfg: Mapping[str, Any], *, source: str = "scheduler
     return GaussianConfig(
         schedule=schedule,
         timesteps=T,
-        prediction=PREDICTION_FROM_DIFFUSERS[prediction_type],  # type: ignore[arg-type]
-        variance=variance,  # type: ignore[arg-type]
+        prediction=PREDICTION_FROM_DIFFUSERS[prediction_type],
+        variance=variance,
         loss="hybrid" if variance == "learned_range" else "simple",  # training only; learned variances need a vlb
         betas=betas,
         clip_denoised=clip,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ddpm.build import build_dataset
-from ddpm.choices import FEATURES, Features, check_choice
+from ddpm.choices import FEATURES, Features, Spacing, check_choice
 from ddpm.config import DataConfig, apply_overrides
 from ddpm.data.records import find_dataset
 from ddpm.errors import UserError
@@ -68,19 +68,26 @@ def classifier_for(pipe: Pipeline, cfg: DataConfig, *, seed: int = 0, epochs: in
     shape = "x".join(str(s) for s in pipe.data_shape)
     folder = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "classifiers" / f"{name}-{shape}-s{seed}"
     test = build_dataset(cfg, "test")
-    test_images, test_labels = test.get_batch(torch.arange(len(test))), test.labels
+    test_images, test_labels = test.get_batch(torch.arange(len(test))), _labels(test)
     try:
         clf = DigitClassifier.load(folder)
     except (FileNotFoundError, OSError, ValueError):
         train = build_dataset(cfg, "train")
         print(f"training the {name} feature classifier once ({len(train)} images; cached in {folder})", flush=True)
-        clf = train_classifier(train.get_batch(torch.arange(len(train))), train.labels, epochs=epochs, seed=seed,
+        clf = train_classifier(train.get_batch(torch.arange(len(train))), _labels(train), epochs=epochs, seed=seed,
                                num_classes=record.num_classes or 10)
         clf.save(folder)
     accuracy = clf.accuracy(test_images, test_labels)
     info = {"name": clf.name, "fingerprint": clf.fingerprint, "heldout_accuracy": round(accuracy, 4),
             "trained_on": f"{name} train split", "seed": seed, "path": str(folder)}
     return clf, info
+
+
+def _labels(dataset: Any) -> torch.Tensor:
+    """The class labels of a split the classifier trains or is checked on (its record says it has them)."""
+    if dataset.labels is None:
+        raise UserError(f"{dataset.name} ({dataset.split}) has no class labels; the classifier features need them")
+    return dataset.labels
 
 
 def make_reference(pipe: Pipeline, *, data: str | None = None, features: Features = "auto",
@@ -94,7 +101,8 @@ def make_reference(pipe: Pipeline, *, data: str | None = None, features: Feature
                         f"{list(pipe.data_shape)}")
     images = test.get_batch(torch.arange(len(test)))
     if not pipe.is_image:
-        return Reference(images, None, f"{test.name} test split, {len(test)} points", log_density=test.log_density)
+        return Reference(images, None, f"{test.name} test split, {len(test)} points",
+                         log_density=getattr(test, "log_density", None))
     if features == "auto":  # the data set's own feature network (its record), else Inception
         record = find_dataset(cfg.dataset)
         features = "classifier" if record is not None and record.features == "classifier" else "inception"
@@ -121,6 +129,7 @@ def distances(samples: torch.Tensor, ref: Reference) -> dict[str, Any]:
         sliced_wasserstein,
     )
 
+    out: dict[str, Any]
     if ref.features is None:  # 2-D points
         out = {"sliced_wasserstein": sliced_wasserstein(samples, ref.images, num_projections=256, seed=0),
                "mmd_rbf": mmd_rbf(samples[:2000], ref.images[:2000])}
@@ -166,11 +175,11 @@ def headline_metric(ref: Reference) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------- eval card
 def evaluate(
-    pipe: Pipeline, *, num: int, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
+    pipe: Pipeline, *, num: int, sampler: str | None = None, steps: int | None = None, spacing: Spacing | None = None,
     seed: int = 0, batch_size: int = 100, data: str | None = None, features: Features = "auto",
     inception_weights: str | None = None, nll_images: int = 0, nll_terms: int = 40, guidance: float = 1.0,
     guidance_scales: Sequence[float] = (), samples: torch.Tensor | None = None, reference: Reference | None = None,
-    **options: float,
+    **options: Any,
 ) -> dict[str, Any]:
     """Sample (unless ``samples`` are given), measure against held-out data, and return the eval card.
 
@@ -183,8 +192,8 @@ def evaluate(
     sampler = pipe.sampler_name(sampler)
     ref = reference or make_reference(pipe, data=data, features=features, inception_weights=inception_weights,
                                       seed=seed)
-    labels = balanced_labels(num if samples is None else samples.shape[0], pipe.num_classes) \
-        if pipe.num_classes else None
+    num_classes = pipe.num_classes
+    labels = balanced_labels(num if samples is None else samples.shape[0], num_classes) if num_classes else None
 
     def draw(w: float) -> torch.Tensor:
         return pipe.sample(num, sampler=sampler, steps=steps, spacing=spacing, seed=seed, batch_size=batch_size,
@@ -201,7 +210,7 @@ def evaluate(
     }
     if labels is not None:
         card["classes"] = f"balanced: sample i asks for class i mod {pipe.num_classes}, guidance {guidance}"
-        card["metrics"].update(label_accuracy(samples, labels, ref, pipe.num_classes))
+        card["metrics"].update(label_accuracy(samples, labels, ref, num_classes or 0))
         if guidance_scales:
             card["guidance_sweep"] = guidance_sweep(pipe, ref, draw, labels, guidance_scales)
     if pipe.is_image and nll_images > 0:

@@ -18,6 +18,8 @@ A guided model is just another ``model(x_t, t, y=y)``: samplers and the bound ne
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ddpm.tensors import Model
@@ -54,6 +56,6 @@ class Guided:
         guided = uncond[:, :c] + self.scale * (cond[:, :c] - uncond[:, :c])
         return guided if c == cond.shape[1] else torch.cat([guided, cond[:, c:]], dim=1)
 
-    def parameters(self):  # noqa: ANN201 - lets the sampling driver find the model's device
+    def parameters(self) -> Iterator[torch.nn.Parameter]:  # lets the sampling driver find the model's device
         params = getattr(self.model, "parameters", None)
         return params() if callable(params) else iter(())

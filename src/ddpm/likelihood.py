@@ -14,6 +14,7 @@ timesteps per image, with a per-image standard error.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -182,7 +183,8 @@ def nll_estimate(
     B, T = x0.shape[0], process.num_timesteps
     device = x0.device
 
-    def per_example(draw):  # one draw for the batch, or one per example from its own generator
+    def per_example(draw: Callable[[int, torch.Generator | None], torch.Tensor]) -> torch.Tensor:
+        """One draw for the batch, or one per example from its own generator."""
         if generator is None or isinstance(generator, torch.Generator):
             return draw(B, generator)
         return torch.cat([draw(1, g) for g in generator])

@@ -182,7 +182,7 @@ class Pipeline:
         """The network with classifier-free guidance of weight ``guidance`` (1: the network itself)."""
         if guidance == 1.0:
             return self.model
-        if not self.can_guide:
+        if not self.can_guide or self.num_classes is None:
             raise UserError(f"guidance {guidance} needs a class-conditional model trained with label dropout "
                             f"(a null class); {self.source} is not one")
         return Guided(self.model, guidance, self.num_classes, prediction_channels=self.data_shape[0])
@@ -229,7 +229,7 @@ class Pipeline:
         classes: int | Sequence[int] | torch.Tensor | None = None,
         guidance: float = 1.0,
         progress: bool = False,
-        **options: float,
+        **options: Any,
     ) -> torch.Tensor:
         """Draw samples 0..num-1: float ``[num, *data_shape]`` on the CPU (images in [-1, 1]).
 
@@ -285,7 +285,7 @@ class Pipeline:
         frames: int | None = 60,
         classes: int | Sequence[int] | torch.Tensor | None = None,
         guidance: float = 1.0,
-        **options: float,
+        **options: Any,
     ) -> torch.Tensor:
         """The reverse chain x_T -> x_0 of samples 0..num-1 as ``[F, num, *data_shape]`` (F frames, on the CPU).
 
@@ -348,11 +348,15 @@ class Pipeline:
             y = None if y_all is None else y_all[idx].to(self.device)
             if estimate is None:
                 r = exact_bound(process, self.model, x0, generator=gens, max_batch_size=max(batch_size, 256), y=y)
-                totals.append(r.total_bpd), priors.append(r.prior_bpd), terms.append(r.terms_bpd)
+                totals.append(r.total_bpd)
+                priors.append(r.prior_bpd)
+                terms.append(r.terms_bpd)
             else:
                 e = nll_estimate(process, self.model, x0, estimate, generator=gens,
                                  max_batch_size=max(batch_size, 256), y=y)
-                totals.append(e.total_bpd), priors.append(e.prior_bpd), stderrs.append(e.stderr_bpd)
+                totals.append(e.total_bpd)
+                priors.append(e.prior_bpd)
+                stderrs.append(e.stderr_bpd)
 
         def gathered(parts: list[torch.Tensor], *shape: int) -> torch.Tensor:
             local = torch.cat(parts).cpu() if parts else torch.zeros(0, *shape, dtype=torch.float64)
@@ -360,16 +364,18 @@ class Pipeline:
 
         total = gathered(totals)
         spread = float(total.std() / math.sqrt(n)) if n > 1 else float("nan")
-        common = {"total_bpd": float(total.mean()), "prior_bpd": float(gathered(priors).mean()), "images": n,
-                  "timesteps": T, "per_image_bpd": total, "conditional": y_all is not None}
+        prior, conditional = float(gathered(priors).mean()), y_all is not None
         if estimate is None:
             all_terms = gathered(terms, T)
-            return Bound(**common, stderr_bpd=spread, mode="exact", decoder_bpd=float(all_terms[:, 0].mean()),
-                         kl_bpd=float(all_terms[:, 1:].sum(1).mean()), terms_bpd=all_terms.mean(0))
+            return Bound(total_bpd=float(total.mean()), stderr_bpd=spread, prior_bpd=prior, images=n, timesteps=T,
+                         mode="exact", per_image_bpd=total, conditional=conditional,
+                         decoder_bpd=float(all_terms[:, 0].mean()), kl_bpd=float(all_terms[:, 1:].sum(1).mean()),
+                         terms_bpd=all_terms.mean(0))
         within = float(gathered(stderrs).pow(2).sum().sqrt() / n)
         between = 0.0 if math.isnan(spread) else spread
-        return Bound(**common, stderr_bpd=math.sqrt(between**2 + within**2), mc_stderr_bpd=within,
-                     mode=f"importance estimate, {estimate} terms per image")
+        return Bound(total_bpd=float(total.mean()), stderr_bpd=math.sqrt(between**2 + within**2), prior_bpd=prior,
+                     images=n, timesteps=T, mode=f"importance estimate, {estimate} terms per image",
+                     per_image_bpd=total, conditional=conditional, mc_stderr_bpd=within)
 
     # ------------------------------------------------------------------------------ export
     def save_pretrained(self, folder: str | Path, *, overwrite: bool = False) -> Path:

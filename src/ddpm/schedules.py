@@ -64,7 +64,8 @@ def register_schedule(name: str) -> Callable[[type[Any]], type[Any]]:
 
 def schedule_parameters(name: str) -> dict[str, float]:
     """The parameters of schedule ``name`` with their defaults (for ``--help`` and error messages)."""
-    return {f.name: f.default for f in dataclasses.fields(SCHEDULES[name])}
+    return {f.name: float(f.default) for f in dataclasses.fields(SCHEDULES[name])
+            if isinstance(f.default, (int, float))}  # a schedule's parameters all have numeric defaults
 
 
 def make_schedule(name: str, options: Mapping[str, float] | None = None) -> BetaSchedule:

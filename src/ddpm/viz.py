@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ def save_strip(frames: torch.Tensor, path: str | Path, labels: Sequence[str] | N
     return path
 
 
-def _pyplot():
+def _pyplot() -> Any:
     try:
         import matplotlib
 

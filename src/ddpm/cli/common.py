@@ -162,7 +162,7 @@ def int_value(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def sampler_options(args: argparse.Namespace, sampler: str) -> dict[str, float]:
+def sampler_options(args: argparse.Namespace, sampler: str) -> dict[str, Any]:
     """The sampler options given on the command line (only those set), checked against ``sampler``."""
     options = {opt.name: value for opt in all_options() if (value := getattr(args, f"option_{opt.name}")) is not None}
     checked: SamplerOptions = check_options(sampler, options)
@@ -183,7 +183,8 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
                 continue
             seen.add(f.name)
             flag, key = f"--{f.name.replace('_', '-')}", f"diffusion.{f.name}"
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            factory = f.default_factory
+            default = f.default if factory is dataclasses.MISSING else factory()
             owner = "" if f.name in ProcessConfig.__dataclass_fields__ else f"; process {entry.name}"
             if f.name == "process":
                 choices: tuple[Any, ...] | None = tuple(PROCESSES)

@@ -80,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
         if not is_main_process():
             return 0
         written = save_samples(x, out, formats, is_image=pipe.is_image, nrow=nrow)
+        labels = pipe.labels(classes, num)
         if args.animate and pipe.is_image:
-            first = None if classes is None else pipe.labels(classes, num)[: min(num, 16)]
+            first = None if labels is None else labels[: min(num, 16)]
             chain = pipe.reverse_chain(min(num, 16), sampler=sampler, steps=args.steps,
                                        spacing=args.spacing, seed=args.seed, classes=first, guidance=args.guidance,
                                        **options)
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                                             out / "scatter.png", title=f"{sampler}, {num} samples"))
         write_json(out / "sample_info.json", {
             "checkpoint": str(pipe.source), "weights": args.weights, "num": num, "sampler": sampler,
-            "classes": None if classes is None else pipe.labels(classes, num).tolist(), "guidance": args.guidance,
+            "classes": None if labels is None else labels.tolist(), "guidance": args.guidance,
             "network_evaluations": pipe.network_evaluations(sampler, args.steps),
             "timesteps": pipe.grid_timesteps(sampler, args.steps, args.spacing), "options": options,
             "seed": args.seed, "seconds": round(seconds, 2), "layout": SAMPLES_LAYOUT, "runtime": pipe.policy.record(),

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm.choices import Split
 from ddpm.data import images
 from ddpm.data.arrays import ArrayDataset, ImageBatch
 from ddpm.data.lazy import LazyImages
@@ -374,7 +375,7 @@ class MappedImages(LazyImages):
     operating system's page cache, so no process holds the data set in its own memory.
     """
 
-    def __init__(self, cache: Path, manifest: Manifest, rows: np.ndarray, *, name: str, split: str,
+    def __init__(self, cache: Path, manifest: Manifest, rows: np.ndarray, *, name: str, split: Split,
                  skipped_files: tuple[str, ...] = ()) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         labels = None if manifest.labels is None else np.asarray(manifest.labels, dtype=np.int64)[rows]
@@ -406,7 +407,7 @@ class MappedImages(LazyImages):
         """Read every row into one in-memory `ArrayDataset` (the memory loader on a cache)."""
         return ArrayDataset(
             torch.from_numpy(np.ascontiguousarray(self._mapped()[self.rows])),
-            kind="image", name=self.name, split=self.split,  # type: ignore[arg-type]
+            kind="image", name=self.name, split=self.split,
             labels=self.labels, num_classes=self.num_classes, class_names=self.class_names,
             skipped_files=self.skipped_files,
         )

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm.choices import Split
 from ddpm.data import images
 from ddpm.data.arrays import ArrayDataset, ImageBatch
 from ddpm.data.lazy import LazyImages
@@ -136,7 +137,7 @@ class HFImages(LazyImages):
 
     def __init__(self, table: Any, rows: np.ndarray, *, image_column: str, label_column: str | None,
                  class_names: tuple[str, ...] | None, channels: int, image_size: int | None,
-                 shape: tuple[int, int, int], name: str, split: str, skip_bad_images: bool = False) -> None:
+                 shape: tuple[int, int, int], name: str, split: Split, skip_bad_images: bool = False) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         labels = None
         if label_column is not None:
@@ -181,7 +182,7 @@ class HFImages(LazyImages):
     def to_memory(self) -> ArrayDataset:
         """Decode every example into one in-memory `ArrayDataset`."""
         batch = self.read(range(len(self)))
-        return ArrayDataset(batch.images, kind="image", name=self.name, split=self.split,  # type: ignore[arg-type]
+        return ArrayDataset(batch.images, kind="image", name=self.name, split=self.split,
                             labels=batch.labels, num_classes=self.num_classes, class_names=self.class_names,
                             skipped_files=tuple(dict.fromkeys(batch.skipped)))
 
@@ -221,7 +222,7 @@ class HFStream:
 
     def __init__(self, stream: Any, *, length: int, image_column: str, label_column: str | None,
                  class_names: tuple[str, ...] | None, channels: int, image_size: int | None,
-                 shape: tuple[int, int, int], name: str, split: str, skip_bad_images: bool = False) -> None:
+                 shape: tuple[int, int, int], name: str, split: Split, skip_bad_images: bool = False) -> None:
         datasets = _import_datasets()
         self.stream = stream.cast_column(image_column, datasets.Image(decode=False))
         self.length, self.image_column, self.label_column = length, image_column, label_column
@@ -269,7 +270,7 @@ def _stream_length(stream: Any, split: str, *, spec: str) -> int:
     return length
 
 
-def load_hf_stream(spec: str, *, split: str, options: ImageOptions, cache_dir: Path | None = None) -> HFStream:
+def load_hf_stream(spec: str, *, split: Split, options: ImageOptions, cache_dir: Path | None = None) -> HFStream:
     """One split of `hf:spec` in streaming mode; "test" must be a split of the data set (no hold-out of a stream)."""
     source, named_split = parse_spec(spec)
     obj = open_source(source, cache_dir=cache_dir, streaming=True)
@@ -287,7 +288,7 @@ def load_hf_stream(spec: str, *, split: str, options: ImageOptions, cache_dir: P
                     shape=shape, name=f"hf:{spec}", split=split, skip_bad_images=options.skip_bad_images)
 
 
-def load_hf_dataset(spec: str, *, split: str, holdout_fraction: float | None, options: ImageOptions,
+def load_hf_dataset(spec: str, *, split: Split, holdout_fraction: float | None, options: ImageOptions,
                     cache_dir: Path | None = None) -> ArrayDataset | HFImages:
     """One split of `hf:spec` (without the prefix) as an on-demand or in-memory image data set."""
     source, named_split = parse_spec(spec)
@@ -300,7 +301,7 @@ def load_hf_dataset(spec: str, *, split: str, holdout_fraction: float | None, op
         rows = np.arange(len(table))
     else:
         table = pick_split(obj, named_split or "train", source=source)
-        rows = split_indices(len(table), fraction, split)  # type: ignore[arg-type]
+        rows = split_indices(len(table), fraction, split)
     if len(rows) == 0:
         raise DataError(f"hf:{spec} ({split}) holds no examples")
     image_column, label_column, class_names = image_and_label_columns(table, source=source)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.choices import Split
 from ddpm.data.arrays import ImageBatch, uint8_to_float
 
 
@@ -45,7 +46,7 @@ class LazyImages(abc.ABC):
         self,
         *,
         name: str,
-        split: str,
+        split: Split,
         shape: tuple[int, int, int],
         labels: np.ndarray | None = None,
         class_names: tuple[str, ...] | None = None,

@@ -29,7 +29,7 @@ class ImageOptions:
     channels: int | None = None
     skip_bad_images: bool = False
     loader: Loader = "auto"
-    prepared_dir: Path | None = None  # where folder caches live; None = default_prepared_dir(cache_dir)
+    prepared_dir: Path = Path()  # where folder caches live (load_dataset resolves it: <cache dir>/prepared)
     cache_images: bool = True
     workers: int | None = None  # processes for building a cache
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm.choices import Split
 from ddpm.data import images
 from ddpm.data.arrays import ImageBatch
 from ddpm.data.lazy import LazyImages
@@ -45,7 +46,7 @@ class FolderImages(LazyImages):
         image_size: int | None,
         shape: tuple[int, int, int],
         name: str,
-        split: str,
+        split: Split,
         labels: np.ndarray | None = None,
         class_names: tuple[str, ...] | None = None,
         skip_bad_images: bool = False,

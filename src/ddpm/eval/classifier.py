@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,7 +86,7 @@ class DigitClassifier:
     ``[-1, 1]``, ``[B, 1, H, W]``.
     """
 
-    def __init__(self, config: ClassifierConfig, net: nn.Module, *, info: TrainingInfo | None = None) -> None:
+    def __init__(self, config: ClassifierConfig, net: _DigitNet, *, info: TrainingInfo | None = None) -> None:
         self.config = config
         self.net = net.eval().requires_grad_(False)
         self.info = info
@@ -115,7 +116,7 @@ class DigitClassifier:
         return x
 
     @torch.no_grad()
-    def _batched(self, images: torch.Tensor, fn) -> torch.Tensor:
+    def _batched(self, images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         x = self._check(images)
         return torch.cat([fn(chunk) for chunk in x.split(self.batch_size)])
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Literal, Protocol, get_args, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,7 @@ def resize_bilinear_tf1(images: torch.Tensor, size: int) -> torch.Tensor:
 class _ConvBN(nn.Module):
     """Convolution (no bias), batch norm (eps 1e-3, as in the TF graph) and ReLU."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int], **kwargs) -> None:
+    def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int], **kwargs: Any) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, kernel, bias=False, **kwargs)
         self.bn = nn.BatchNorm2d(c_out, eps=1e-3)

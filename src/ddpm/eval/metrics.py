@@ -325,7 +325,7 @@ def mmd_rbf(a: ArrayLike, b: ArrayLike, *, bandwidths: Sequence[float] = (0.1, 0
 
     def gram(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         sq = torch.cdist(u, v).square()
-        return sum(torch.exp(-sq / (2.0 * h * h)) for h in hs)
+        return torch.stack([torch.exp(-sq / (2.0 * h * h)) for h in hs]).sum(dim=0)
 
     return _unbiased_mmd2(gram(x, x), gram(y, y), gram(x, y))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ class MLPDenoiser(nn.Module):
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.num_blocks))
         self.norm_out = nn.LayerNorm(config.hidden)
         self.proj_out = nn.Linear(config.hidden, config.output_dim)
-        for block in self.blocks:  # each block starts as the identity
+        for block in cast("list[_Block]", self.blocks):  # each block starts as the identity
             nn.init.zeros_(block.fc2.weight)
             nn.init.zeros_(block.fc2.bias)
 
@@ -107,7 +107,7 @@ class MLPDenoiser(nn.Module):
         emb = self.time_embed(emb)
         if self.class_embed is not None:
             if y is None:
-                y = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
+                y = torch.full((x.shape[0],), self.class_embed.num_embeddings - 1, device=x.device, dtype=torch.long)
             emb = emb + self.class_embed(y.to(x.device))
         elif y is not None:
             raise ValueError("this MLP is unconditional (num_classes is None) but got class labels y")

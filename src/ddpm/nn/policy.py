@@ -252,7 +252,7 @@ class RuntimePolicy:
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the device, in the policy's memory format and kernels (in place; returns it)."""
         fmt = torch.channels_last if self.memory_format == "channels_last" else torch.contiguous_format
-        model.to(self.device, memory_format=fmt)
+        model.to(self.device, memory_format=fmt)  # type: ignore[call-overload]  # Module.to takes it; its stubs do not
         for m in model.modules():
             if isinstance(m, AttentionBlock):
                 m.kernel = "matmul" if self.attention == "matmul" else "sdpa"
@@ -430,10 +430,10 @@ def resolve_policy(
     forced = tuple(name for name, value in chosen.items() if value != "auto") + (("compile",) if compile else ())
     return RuntimePolicy(
         machine=machine,
-        memory_format=auto.memory_format if memory_format == "auto" else memory_format,  # type: ignore[arg-type]
-        amp=resolved_amp,  # type: ignore[arg-type]
-        attention=_auto_attention(machine, resolved_amp) if attention == "auto" else attention,  # type: ignore[arg-type]
-        upsample=auto.upsample if upsample == "auto" else upsample,  # type: ignore[arg-type]
+        memory_format=auto.memory_format if memory_format == "auto" else memory_format,
+        amp=resolved_amp,
+        attention=_auto_attention(machine, resolved_amp) if attention == "auto" else attention,
+        upsample=auto.upsample if upsample == "auto" else upsample,
         fused_optimizer=fused,
         compile=compile,
         cuda_graphs=cuda_graphs == "on",  # "auto": off until benchmarks/gpu.py shows it pays

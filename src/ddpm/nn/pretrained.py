@@ -157,7 +157,7 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
             time_embed_dim=None if c["time_embedding_dim"] is None else int(c["time_embedding_dim"]),
             embed_freq_shift=float(c["freq_shift"]),
             embed_flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
-            downsample_padding=int(c["downsample_padding"]),
+            downsample_padding=1 if int(c["downsample_padding"]) == 1 else 0,  # validated above: 0 or 1
             num_classes=None if num_class_embeds is None else num_class_embeds - int(null_class is not None),
             null_class=num_class_embeds is None or null_class is not None,
         )

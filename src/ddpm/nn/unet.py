@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -376,7 +376,7 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
         if self.subpixel and b * h * w >= SUBPIXEL_MIN_PIXELS:
-            return upsample_conv_subpixel(x, self.conv.weight, self.conv.bias, self.taps)
+            return upsample_conv_subpixel(x, self.conv.weight, self.conv.bias, cast(Tensor, self.taps))
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -453,7 +453,8 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.GroupNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -518,7 +519,7 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
-        for level in self.down:
+        for level in cast("list[Level]", self.down):
             for j, res in enumerate(level.res):
                 h = self._run(res, h, emb_act)
                 if len(level.attn):
@@ -533,7 +534,7 @@ class UNet(nn.Module):
             h = self._run(self.mid.attn, h)
         h = self._run(self.mid.res2, h, emb_act)
 
-        for level in self.up:
+        for level in cast("list[Level]", self.up):
             for j, res in enumerate(level.res):
                 h = self._run(res, torch.cat([h, skips.pop()], dim=1), emb_act)
                 if len(level.attn):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -118,6 +118,27 @@ def check_options(sampler: str, options: Mapping[str, object]) -> SamplerOptions
     return make_options(sampler, options)
 
 
+Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@overload
+def sample(process: DiffusionProcess, model: Model, shape: Sequence[int], *, sampler: str = ...,
+           steps: int | Sequence[float] | None = ..., spacing: Spacing | None = ..., clip_denoised: bool = ...,
+           generator: Generator = ..., y: torch.Tensor | None = ..., progress: bool = ...,
+           return_trajectory: Literal[False] = ..., trajectory_frames: int | None = ...,
+           noise: torch.Tensor | None = ..., device: torch.device | str | None = ..., callback: Callback | None = ...,
+           **options: Any) -> torch.Tensor: ...
+
+
+@overload
+def sample(process: DiffusionProcess, model: Model, shape: Sequence[int], *, sampler: str = ...,
+           steps: int | Sequence[float] | None = ..., spacing: Spacing | None = ..., clip_denoised: bool = ...,
+           generator: Generator = ..., y: torch.Tensor | None = ..., progress: bool = ...,
+           return_trajectory: Literal[True], trajectory_frames: int | None = ...,
+           noise: torch.Tensor | None = ..., device: torch.device | str | None = ..., callback: Callback | None = ...,
+           **options: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @torch.no_grad()
 def sample(
     process: DiffusionProcess,
@@ -135,7 +156,7 @@ def sample(
     trajectory_frames: int | None = None,
     noise: torch.Tensor | None = None,
     device: torch.device | str | None = None,
-    callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    callback: Callback | None = None,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the reverse chain from x_T ~ p(x_T) to x_0 and return x_0 ``shape``.

@@ -56,32 +56,38 @@ def make_grid(num_timesteps: int, num_points: int, spacing: Spacing, *, schedule
     T, K = int(num_timesteps), int(num_points)
     if not 1 <= K <= T:
         raise UserError(f"a grid needs between 1 and T={T} points, got {K}")
-    if spacing in CONTINUOUS_SPACINGS and schedule is None:
-        raise UserError(f"the {spacing!r} spacing is spaced in the log-SNR of a Gaussian schedule; this chain has none "
-                        f"(use one of {', '.join(s for s in SPACINGS if s not in CONTINUOUS_SPACINGS)})")
+    if spacing in CONTINUOUS_SPACINGS:
+        if schedule is None:
+            raise UserError(f"the {spacing!r} spacing is spaced in the log-SNR of a Gaussian schedule; this chain has "
+                            f"none (use one of {', '.join(s for s in SPACINGS if s not in CONTINUOUS_SPACINGS)})")
+        return _continuous_grid(schedule, K, spacing, rho=rho, sigma_max=sigma_max)
     if spacing == "linspace":
         t = np.linspace(0, T - 1, K) if K > 1 else np.array([T - 1.0])
     elif spacing == "uniform":
         t = np.linspace(0, T - 1, K + 1)[1:]
     elif spacing == "leading":
         t = np.arange(K) * (T // K)
-    elif spacing == "trailing":
+    else:  # trailing
         t = np.round(np.arange(T, 0, -T / K))[:K] - 1
-    elif schedule is not None:  # the continuous spacings
-        log_snr = schedule.log_snr()
-        log_snr_min = max(float(log_snr[-1]), -2.0 * math.log(sigma_max))
-        if K == 1:
-            return schedule.timestep_at_log_snr(torch.tensor([log_snr_min], dtype=torch.float64))
-        if spacing == "log-snr":
-            grid = torch.linspace(log_snr_min, float(log_snr[0]), K, dtype=torch.float64)
-        else:  # sigma = sqrt((1 - abar) / abar) = exp(-log_snr / 2), uniform in sigma^(1 / rho)
-            ramp = torch.linspace(0, 1, K, dtype=torch.float64)
-            s_max, s_min = math.exp(-0.5 * log_snr_min / rho), math.exp(-0.5 * float(log_snr[0]) / rho)
-            grid = -2.0 * rho * torch.log(s_max + ramp * (s_min - s_max))
-        t = schedule.timestep_at_log_snr(grid).flip(0).clamp(0, T - 1)
-        return torch.where((t - t.round()).abs() < 1e-9, t.round(), t)  # ends exact, not 1e-15 off
     out = torch.as_tensor(np.round(t), dtype=torch.float64)
     out = out.unique()  # sorted
     if out.numel() != K:
         raise UserError(f"{spacing!r} spacing gives only {out.numel()} distinct timesteps for K={K}, T={T}")
     return out
+
+
+def _continuous_grid(schedule: Schedule, K: int, spacing: Spacing, *, rho: float, sigma_max: float) -> torch.Tensor:
+    """The ``log-snr`` and ``karras`` grids (see the module docstring)."""
+    T = schedule.num_timesteps
+    log_snr = schedule.log_snr()
+    log_snr_min = max(float(log_snr[-1]), -2.0 * math.log(sigma_max))
+    if K == 1:
+        return schedule.timestep_at_log_snr(torch.tensor([log_snr_min], dtype=torch.float64))
+    if spacing == "log-snr":
+        grid = torch.linspace(log_snr_min, float(log_snr[0]), K, dtype=torch.float64)
+    else:  # sigma = sqrt((1 - abar) / abar) = exp(-log_snr / 2), uniform in sigma^(1 / rho)
+        ramp = torch.linspace(0, 1, K, dtype=torch.float64)
+        s_max, s_min = math.exp(-0.5 * log_snr_min / rho), math.exp(-0.5 * float(log_snr[0]) / rho)
+        grid = -2.0 * rho * torch.log(s_max + ramp * (s_min - s_max))
+    t = schedule.timestep_at_log_snr(grid).flip(0).clamp(0, T - 1)
+    return torch.where((t - t.round()).abs() < 1e-9, t.round(), t)  # ends exact, not 1e-15 off

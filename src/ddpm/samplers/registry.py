@@ -170,5 +170,6 @@ def all_options() -> list[OptionInfo]:
         for f in dataclasses.fields(spec.options):
             if f.name not in merged:
                 merged[f.name] = OptionInfo(f.name, int if f.type in (int, "int") else float, f.metadata["help"], {})
-            merged[f.name].defaults[spec.name] = f.default
+            if f.default is not dataclasses.MISSING:  # option() always gives one
+                merged[f.name].defaults[spec.name] = f.default
     return list(merged.values())

@@ -72,8 +72,8 @@ class ExponentialMovingAverage:
         """Move the shadow towards ``model``'s weights; returns the decay used."""
         d = self.current_decay()
         params = dict(model.named_parameters())
-        for name, shadow in self.module.named_parameters():
-            shadow.lerp_(params[name].detach().to(shadow.dtype), 1.0 - d)
+        for name, param in self.module.named_parameters():
+            param.lerp_(params[name].detach().to(param.dtype), 1.0 - d)
         buffers = dict(model.named_buffers())
         for name, shadow in self.module.named_buffers():
             shadow.copy_(buffers[name])

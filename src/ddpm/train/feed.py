@@ -31,12 +31,12 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ddpm.data.arrays import ImageBatch, uint8_to_float
 from ddpm.data.images import ImageDecodeError
@@ -168,16 +168,17 @@ class BatchFeed:
         """
         if getattr(self.dataset, "iterable", False):
             view = _StreamView(self.dataset, batch_size=self.batch_size, part=self.part, seed=self.seed, start=start)
-            extra = {"prefetch_factor": self.prefetch} if self.workers > 0 else {}
+            stream_extra: dict[str, Any] = {"prefetch_factor": self.prefetch} if self.workers > 0 else {}
             self._loader = DataLoader(view, batch_size=None, collate_fn=_as_is, num_workers=self.workers,
-                                      pin_memory=self.device.type == "cuda", worker_init_fn=shield_worker, **extra)
+                                      pin_memory=self.device.type == "cuda", worker_init_fn=shield_worker,
+                                      **stream_extra)
         elif self._loader is None:
             self._sampler = _StepSampler(self, start)
             extra: dict[str, Any] = {}
             if self.workers > 0:
                 extra = {"persistent_workers": True, "prefetch_factor": self.prefetch}
             self._loader = DataLoader(
-                _ReadView(self.dataset), sampler=self._sampler, batch_size=None, collate_fn=_as_is,
+                cast(Dataset, _ReadView(self.dataset)), sampler=self._sampler, batch_size=None, collate_fn=_as_is,
                 num_workers=self.workers, pin_memory=self.device.type == "cuda", worker_init_fn=shield_worker, **extra,
             )
         else:

@@ -52,7 +52,7 @@ from ddpm.outputs import check_output_folder
 try:
     import fcntl
 except ImportError:  # Windows: see RunFolderLock._open_exclusive
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # Windows has no fcntl; the module is None there
 
 logger = logging.getLogger("ddpm.train")
 
@@ -258,7 +258,8 @@ def split_metrics(path: str | Path, step: int) -> tuple[list[str], list[str]]:
     path = Path(path)
     if not path.exists():
         return [], []
-    keep, after = [], []
+    keep: list[str] = []
+    after: list[str] = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             line_step = _step_of(line)

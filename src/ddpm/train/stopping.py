@@ -31,9 +31,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 logger = logging.getLogger("ddpm.train")
 
@@ -99,7 +100,7 @@ class StopRequest:
         self.reason: str | None = None  # the first signal's name, or TIME_LIMIT
         self.signalled_at: float | None = None  # time.monotonic() of the first signal
         self._signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
         self._watchdog: threading.Timer | None = None
 
     # ------------------------------------------------------------------ signals
@@ -116,7 +117,7 @@ class StopRequest:
             yield self
         finally:
             for sig, handler in self._previous.items():
-                signal.signal(sig, handler)  # type: ignore[arg-type]  # handlers read back from signal.signal
+                signal.signal(sig, handler)
             self._previous.clear()
             if self._watchdog is not None:
                 self._watchdog.cancel()
@@ -127,7 +128,7 @@ class StopRequest:
             logger.warning("%s received while stopping (%s): still finishing the step and its checkpoint", name,
                            self.reason)
             return
-        self.reason, self.signalled_at, self._signum = name, time.monotonic(), signum
+        self.reason, self.signalled_at, self._signum = name, time.monotonic(), int(signum)
         logger.warning("%s received: finishing this step, then writing a checkpoint (grace period %gs)", name,
                        self.grace_period)
         self._watchdog = threading.Timer(self.grace_period, self._grace_expired)
@@ -138,7 +139,7 @@ class StopRequest:
         logger.error("the grace period of %gs after %s ran out before the checkpoint was written; exiting now "
                      "(the last checkpoint written before stays)", self.grace_period, self.reason)
         logging.shutdown()
-        os._exit(128 + (self._signum or signal.SIGTERM))
+        os._exit(128 + (self._signum or int(signal.SIGTERM)))
 
     def request(self, reason: str) -> None:
         """Ask for a stop without a signal (what the time limit does; tests use it too)."""

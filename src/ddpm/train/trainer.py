@@ -253,7 +253,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------- setup
     def _wrap_model(self) -> nn.Module:
         """DDP (several processes), then torch.compile, then the policy's autocast; ``self.model`` stays raw."""
-        net: nn.Module = self.model
+        net: Any = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
