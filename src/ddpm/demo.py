@@ -23,11 +23,9 @@ from ddpm.outputs import save_samples
 from ddpm.pipeline import Pipeline, load
 from ddpm.train.fit import fit
 
-# The demo's samplers, 10 network evaluations each (README "Samplers", "Conditional generation"):
-# unconditional, SDE-DPM-Solver++(2M) against 50 ancestral steps: Frechet distance 4.37 +/- 0.51 against
-# 4.90 +/- 0.47 (five seeds of 500 samples; benchmarks/results/samplers-demo-seeds.md). Under guidance
-# w = 2 its fresh noise hurt (4.70), so the conditional demo takes UniPC: 1.66 with label accuracy
-# 0.992, against 2.36 and 0.998 for 50 ancestral steps (one seed of 500 samples).
+# The demo's samplers, 10 network evaluations each: unconditional, SDE-DPM-Solver++(2M), better than 50
+# ancestral steps over five seeds (benchmarks/results/samplers-demo-seeds.md); under guidance its fresh
+# noise hurt, so the conditional demo takes UniPC (benchmarks/results/guided-samplers-demo-cond.md).
 DEMO_SAMPLERS = {False: "dpm++2m-sde", True: "unipc"}
 DEMO_SAMPLE_STEPS = 10
 
@@ -41,8 +39,8 @@ def demo_config(out_dir: str, steps: int, seed: int, *, class_cond: bool = False
         "model.class_cond": class_cond, "model.cond_drop": 0.1,
         "data.dataset": "mnist5k", "data.hflip": False,
         "model.preset": "mnist-28",
-        # v-prediction with min-SNR weighting: eps-prediction at this budget gave speckled blobs
-        # (Frechet distance 385-617 vs 8.5 at 1000 steps; README "The demo recipe")
+        # v-prediction with min-SNR weighting and the cosine schedule: eps-prediction at this budget gave
+        # speckled blobs (benchmarks/results/demo-recipe.md)
         "diffusion.schedule": "cosine", "diffusion.timesteps": 1000, "diffusion.prediction": "v",
         "diffusion.loss_weighting": "min-snr",
         "optim.lr": 2e-3, "optim.warmup_steps": 100, "optim.grad_clip": 1.0, "optim.weight_decay": 0.0,

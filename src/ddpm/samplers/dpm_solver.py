@@ -118,15 +118,15 @@ def dpmpp_3m_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[tor
 # samplers-demo-seeds.md and samplers-digits.md.
 register_sampler(SamplerSpec(
     "dpm++2m", dpmpp_2m_step, "DPM-Solver++(2M), second-order multistep ODE solver (Lu et al. 2022b)",
-    default_spacing="karras", default_steps=20,  # karras: best of the four spacings at 8-20 NFE on both models
+    default_spacing="karras", default_steps=20,  # karras: the best spacing around 20 NFE on both models
 ))
 register_sampler(SamplerSpec(
     "dpm++2m-sde", dpmpp_2m_sde_step,
     "SDE-DPM-Solver++(2M): second-order multistep with fresh noise (eta = 1: the reverse SDE)",
-    options=SDEOptions, default_spacing="karras", default_steps=20,  # karras: best at 10-20 NFE on both models
+    options=SDEOptions, default_spacing="karras", default_steps=20,  # karras: the best around 20 NFE on both
 ))
 register_sampler(SamplerSpec(
     "dpm++3m", dpmpp_3m_step, "DPM-Solver++(3M), third-order multistep ODE solver",
-    # trailing: on karras grids the third-order steps went unstable at 10-15 NFE on both models
+    # trailing: on karras grids the third-order steps went unstable at few NFE on both models
     default_spacing="trailing", default_steps=20,
 ))

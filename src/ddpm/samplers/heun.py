@@ -92,6 +92,6 @@ def heun_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.T
 register_sampler(SamplerSpec(
     "heun", heun_step, "EDM's Heun sampler (Karras et al. 2022), 2 evaluations per interval; churn > 0 adds noise",
     options=HeunOptions, points_for_nfe=heun_points, default_steps=20,
-    # log-snr: better than EDM's karras spacing at 15-20 NFE on the demo model (benchmarks/results/samplers-demo.md)
+    # log-snr: better than EDM's karras spacing around 20 NFE on the demo model (benchmarks/results/samplers-demo.md)
     default_spacing="log-snr",
 ))

@@ -120,6 +120,6 @@ def unipc_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.
 register_sampler(SamplerSpec(
     "unipc", unipc_step, "UniPC-bh2 predictor-corrector (Zhao et al. 2023), order 3 with the default UniP-2",
     options=UniPCOptions,
-    # trailing, 10: the best sampler at 5 NFE on both models, flat from 8 NFE on (benchmarks/results/samplers-*.md)
+    # trailing, 10: the best sampler at the fewest NFE on both models, flat beyond 10 (benchmarks/results/samplers-*.md)
     default_spacing="trailing", default_steps=10,
 ))
