@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = ddpm.load(args.checkpoint, device="cpu")
     if not pipe.can_guide:
         raise SystemExit(f"{args.checkpoint} is not a class-conditional model with a null class")
-    ref = make_reference(pipe, features="classifier")
+    ref = make_reference(pipe.config.data, pipe.data_shape, features="classifier")
     labels = balanced_labels(args.num, pipe.num_classes or 0)
     lines = ["| sampler | NFE | " + " | ".join(f"w = {w:g}" for w in weights) + " |",
              "| --- | ---: | " + " | ".join("---" for _ in weights) + " |"]

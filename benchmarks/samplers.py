@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     reference_seeds = seeds if args.reference_seeds is None else [int(v) for v in args.reference_seeds.split(",")]
     pipe = ddpm.load(args.checkpoint, weights="ema", device="cpu")
     clip = pipe.is_image
-    ref = make_reference(pipe, features="classifier")  # one metric for every seed
+    ref = make_reference(pipe.config.data, pipe.data_shape, features="classifier")  # one metric for every seed
     feat_info = ref.feature_info or {}
 
     def measure(config: Config, nfe: int, seed: int) -> dict:

@@ -21,6 +21,7 @@ import ddpm
 from ddpm.checkpoint import checkpoint_folders, find_checkpoint, verify_checkpoint
 from ddpm.cli import main
 from ddpm.config import RunConfig, apply_overrides
+from ddpm.train.run_folder import summarize_run
 from ddpm.train.stopping import EXIT_STOPPED, TIME_LIMIT, parse_duration
 
 from .test_cli import TINY, write_folder
@@ -169,6 +170,7 @@ def test_the_time_limit_stops_before_the_limit_with_a_checkpoint(data: Path, tmp
     assert time.monotonic() - started < 4.0
     assert result.stopped == TIME_LIMIT and 0 < result.step < 1_000_000
     assert find_checkpoint(tmp_path / "run").step == result.step
+    assert summarize_run(tmp_path / "run").state == "stopped (time limit)"  # what `ddpm runs` shows
     more = ddpm.fit(apply_overrides(cfg, {"train.steps": result.step + 2, "train.time_limit": "none"}), resume="auto",
                     progress=False)
     assert more.stopped is None and more.step == result.step + 2

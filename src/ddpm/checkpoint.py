@@ -21,9 +21,11 @@ readers take the ``.replaced`` folder as the step's checkpoint (and
 step saved has a complete checkpoint at every moment.
 
 Reading. :func:`find_checkpoint` turns a checkpoint folder or a run folder into the checkpoint to
-use. A checkpoint folder named explicitly must verify (all files present, sizes and checksums as
-recorded); in a run folder the newest checkpoint that verifies is used, and the newer ones that
-did not are returned with the reason (:func:`resolve_checkpoint` logs them as warnings). Every
+use (:func:`resolve_checkpoint` with ``which="best"``: the one ``best.json`` names, the best of the
+evaluation while training, which pruning never deletes). A checkpoint folder named explicitly
+must verify (all files present, sizes and checksums as recorded); in a run folder the newest
+checkpoint that verifies is used, and the newer ones that did not are returned with the reason
+(:func:`resolve_checkpoint` logs them as warnings). Every
 loader verifies before it parses, refuses weights that are not finite, and reports a file that
 cannot be parsed as a :class:`~ddpm.errors.CheckpointError` naming it.
 """
@@ -63,6 +65,8 @@ _CKPT_RE = re.compile(r"^ckpt-(\d{8,})$")
 _REPLACED_RE = re.compile(r"^\.replaced-ckpt-(\d{8,})-\d+$")
 DATA_FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.toml")
 FILES = (*DATA_FILES, "meta.json")
+BEST_FILE = "best.json"  # in a run folder: which checkpoint scored best in the evaluation while training
+CheckpointName = Literal["latest", "best"]  # the checkpoint of a run folder a reader asks for
 
 
 class ArchitectureMismatchError(CheckpointError):
@@ -281,8 +285,8 @@ def prune_checkpoints(out_dir: str | Path, keep_last: int, *, protect: str | Pat
         folders = [p for p in folders if limit is None or (checkpoint_step(p) or 0) <= limit]
     keep = set(folders[-keep_last:])
     spared = protect if protect is not None else _newest_good(folders)
-    if spared is not None:
-        keep.add(spared)
+    best = best_checkpoint(out_dir)
+    keep.update(p for p in (spared, best) if p is not None)  # never the newest good one, never the best
     doomed = [p for p in folders if p not in keep]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
@@ -457,11 +461,45 @@ def find_checkpoint(path: str | Path) -> CheckpointChoice:
     )
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """:func:`find_checkpoint`, logging a warning for each newer checkpoint passed over."""
+def resolve_checkpoint(path: str | Path, which: CheckpointName = "latest") -> Path:
+    """:func:`find_checkpoint`, logging a warning for each newer checkpoint passed over; with
+    ``which="best"``, the checkpoint of run folder ``path`` that scored best in the evaluation while
+    training (:func:`best_checkpoint`), which must verify."""
+    if which == "best":
+        best = best_checkpoint(path)
+        if best is None:
+            raise CheckpointError(f"{path} has no best checkpoint: the run evaluated no samples while training "
+                                  f"(train.eval_every, --eval-every) or is not a run folder")
+        return find_checkpoint(best).path
     choice = find_checkpoint(path)
     warn_skipped(choice.path, choice.skipped)
     return choice.path
+
+
+def read_best(folder: str | Path) -> dict[str, Any] | None:
+    """The run folder's best-checkpoint record (``{"step", "checkpoint", "metric", "value"}``), or None."""
+    try:
+        record = json.loads((Path(folder) / BEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("checkpoint"), str) else None
+
+
+def best_checkpoint(folder: str | Path) -> Path | None:
+    """The checkpoint folder the run folder's best record names, if the record and the folder exist."""
+    record = read_best(folder)
+    if record is None:
+        return None
+    path = Path(folder) / record["checkpoint"]
+    return path if path.is_dir() else None
+
+
+def write_best(folder: str | Path, record: dict[str, Any]) -> None:
+    """Write the best-checkpoint record atomically (a temporary file renamed into place)."""
+    path = Path(folder) / BEST_FILE
+    tmp = path.with_name(f".{BEST_FILE}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def warn_skipped(used: Path, skipped: tuple[tuple[Path, str], ...]) -> None:

@@ -130,8 +130,11 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept in out_dir; 0 keeps all
     log_every: int = 100
     sample_every: int = 10_000  # call sample_fn every this many steps; 0 never
-    eval_every: int = 0  # loss of the EMA model on the eval set every this many steps; 0 never
-    eval_batches: int = 4
+    eval_every: int = 0  # every this many steps: the EMA model's eval loss and its samples measured; 0 never
+    eval_batches: int = 4  # batches of the eval loss
+    eval_samples: int = 500  # samples measured at each evaluation (Frechet distance, KID...; 0: the loss only)
+    eval_sampler: str | None = None  # their sampler (None: the process's default)
+    eval_steps: int | None = None  # its network evaluations (None: the sampler's default)
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     time_limit: float | None = None  # seconds: stop (with a checkpoint) before this much time has passed; None: none
     grace_period: float = 20.0  # seconds from a stop signal to exit: the step and its checkpoint must fit in it
@@ -156,7 +159,7 @@ SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
 RUN_BOOKKEEPING: frozenset[str] = frozenset({
     "train.steps", "train.device", "train.compile", "train.checkpoint_every", "train.keep_last",
     "train.log_every", "train.sample_every", "train.eval_every", "train.eval_batches", "train.max_nonfinite",
-    "train.time_limit", "train.grace_period",
+    "train.time_limit", "train.grace_period", "train.eval_samples", "train.eval_sampler", "train.eval_steps",
     "train.out_dir", "train.tensorboard", "data.cache_dir",
     # the runtime policy's layout and kernels compute the same function (train.amp does not: it stays listed)
     "train.memory_format", "train.attention", "train.upsample", "train.fused_optimizer",
@@ -468,12 +471,15 @@ def validate_config(config: RunConfig, *, world_size: int = 1) -> None:
                         f"float32 range (|x| <= {FLOAT32_MAX:.4g})")
     need(tr.steps >= 0, f"train.steps={tr.steps} must be >= 0")
     need(tr.batch_size >= 1, f"train.batch_size={tr.batch_size} must be >= 1")
-    for name in ("checkpoint_every", "log_every", "keep_last", "sample_every", "eval_every", "eval_batches"):
+    for name in ("checkpoint_every", "log_every", "keep_last", "sample_every", "eval_every", "eval_batches",
+                 "eval_samples"):
         value = getattr(tr, name)
         need(value >= 0, f"train.{name}={value} must be >= 0")
     need(tr.max_nonfinite >= 1, f"train.max_nonfinite={tr.max_nonfinite} must be >= 1")
     need(tr.time_limit is None or tr.time_limit > 0, f"train.time_limit={tr.time_limit} must be > 0 seconds")
     need(tr.grace_period > 0, f"train.grace_period={tr.grace_period} must be > 0 seconds")
+    need(tr.eval_steps is None or tr.eval_steps >= 1, f"train.eval_steps={tr.eval_steps} must be >= 1")
+    need(tr.eval_samples == 0 or tr.eval_samples >= 2, f"train.eval_samples={tr.eval_samples} must be 0 or >= 2")
     need(op.lr > 0, f"optim.lr={op.lr} must be > 0")
     need(op.weight_decay >= 0, f"optim.weight_decay={op.weight_decay} must be >= 0")
     need(all(0 <= b < 1 for b in op.betas), f"optim.betas={op.betas} must lie in [0, 1)")

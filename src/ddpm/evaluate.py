@@ -24,10 +24,13 @@ from typing import Any
 import torch
 
 from ddpm.build import build_dataset
-from ddpm.choices import FEATURES, Features, Spacing, check_choice
+from ddpm.choices import FEATURES, Features, Spacing, Split, check_choice
 from ddpm.config import DataConfig, apply_overrides
 from ddpm.data.records import find_dataset
 from ddpm.errors import UserError
+from ddpm.eval.features import Resize
+from ddpm.eval.metrics import frechet_distance, gaussian_stats
+from ddpm.eval.stats import FeatureStats, check_compatible, feature_stats, load_stats, stats_description
 from ddpm.pipeline import Pipeline
 
 
@@ -35,13 +38,15 @@ from ddpm.pipeline import Pipeline
 class Reference:
     """Real held-out data and what the metrics need of it."""
 
-    images: torch.Tensor
+    images: torch.Tensor | None  # None when only the statistics are known (a reference statistics file)
     features: torch.Tensor | None
     description: str
     extractor: Any = None  # maps images to features; has .predict for the digit classifier
     feature_info: dict[str, Any] | None = None
     log_density: Callable[[torch.Tensor], torch.Tensor] | None = None  # exact, for the 2-D mixture
     labels: torch.Tensor | None = None  # the held-out images' classes, when the data has them
+    stats: FeatureStats | None = None  # mu and sigma of the reference features (from `features`, or a file)
+    split: str = "test"
 
 
 def reference_data(pipe: Pipeline, data: str | None = None) -> DataConfig:
@@ -53,7 +58,8 @@ def reference_data(pipe: Pipeline, data: str | None = None) -> DataConfig:
     return pipe.config.data
 
 
-def classifier_for(pipe: Pipeline, cfg: DataConfig, *, seed: int = 0, epochs: int = 5) -> tuple[Any, dict[str, Any]]:
+def classifier_for(cfg: DataConfig, data_shape: tuple[int, ...], *, seed: int = 0,
+                   epochs: int = 5) -> tuple[Any, dict[str, Any]]:
     """The project's digit classifier for the data set ``cfg``: trained once on its training split,
     cached in the data cache folder, and described (hash, held-out accuracy) for the eval card."""
     from ddpm.data import DATASETS, default_cache_dir
@@ -65,7 +71,7 @@ def classifier_for(pipe: Pipeline, cfg: DataConfig, *, seed: int = 0, epochs: in
         raise UserError(f"the download-free classifier features exist for {', '.join(with_classifier)}; "
                         f"this run's data is {cfg.dataset!r}: use --features inception")
     name = record.name
-    shape = "x".join(str(s) for s in pipe.data_shape)
+    shape = "x".join(str(s) for s in data_shape)
     folder = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "classifiers" / f"{name}-{shape}-s{seed}"
     test = build_dataset(cfg, "test")
     test_images, test_labels = test.get_batch(torch.arange(len(test))), _labels(test)
@@ -90,31 +96,80 @@ def _labels(dataset: Any) -> torch.Tensor:
     return dataset.labels
 
 
-def make_reference(pipe: Pipeline, *, data: str | None = None, features: Features = "auto",
-                   inception_weights: str | None = None, seed: int = 0) -> Reference:
-    """The held-out split of the run's data (or of ``data``), with features for images (see the module docstring)."""
+def feature_network(cfg: DataConfig, data_shape: tuple[int, ...], *, features: Features = "auto",
+                    inception_weights: str | None = None, resize: Resize = "tf1", device: torch.device | str = "cpu",
+                    seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """The feature network that measures images of ``cfg``'s data and its description for the card.
+
+    ``"auto"``: the data set's own (its record's, e.g. the project's digit classifier), else
+    Inception-v3 (FID's, weights from ``inception_weights`` or ``$DDPM_INCEPTION_WEIGHTS``, resized to
+    299 with ``resize``: ``"tf1"`` as the TensorFlow graph of the original FID, ``"pytorch"`` as
+    pytorch-fid).
+    """
     check_choice("features", features, FEATURES)
-    cfg = reference_data(pipe, data)
-    test = build_dataset(cfg, "test")
-    if tuple(test.shape) != pipe.data_shape:
-        raise UserError(f"the reference data {cfg.dataset!r} has shape {list(test.shape)}, the model makes "
-                        f"{list(pipe.data_shape)}")
-    images = test.get_batch(torch.arange(len(test)))
-    if not pipe.is_image:
-        return Reference(images, None, f"{test.name} test split, {len(test)} points",
-                         log_density=getattr(test, "log_density", None))
-    if features == "auto":  # the data set's own feature network (its record), else Inception
+    if features == "auto":
         record = find_dataset(cfg.dataset)
         features = "classifier" if record is not None and record.features == "classifier" else "inception"
     if features == "classifier":
-        extractor, info = classifier_for(pipe, cfg, seed=seed)
-    else:
-        from ddpm.eval import InceptionV3Features
+        return classifier_for(cfg, data_shape, seed=seed)
+    from ddpm.eval import InceptionV3Features
 
-        extractor = InceptionV3Features(inception_weights, device=str(pipe.device))
-        info = {"name": extractor.name, "fingerprint": extractor.fingerprint}
-    return Reference(images, extractor(images), f"{test.name} test split, {len(test)} images", extractor, info,
-                     labels=test.labels)
+    extractor = InceptionV3Features(inception_weights, device=str(device), resize=resize)
+    return extractor, {"name": extractor.name, "fingerprint": extractor.fingerprint, "resize": resize}
+
+
+def make_reference(cfg: DataConfig, data_shape: tuple[int, ...], *, split: Split = "test",
+                   features: Features = "auto", inception_weights: str | None = None, resize: Resize = "tf1",
+                   device: torch.device | str = "cpu", seed: int = 0,
+                   stats_file: str | Path | None = None) -> Reference:
+    """The ``split`` of ``cfg``'s data as the reference, with features for images (see :func:`feature_network`).
+
+    With ``stats_file`` the reference is that file's statistics instead (ours, pytorch-fid's,
+    clean-fid's or EDM's ``.npz``): only the Frechet distance can be computed against it, and a file
+    of another feature dimension or network is refused.
+    """
+    if stats_file is not None:
+        stats = load_stats(stats_file)
+        extractor, info = feature_network(cfg, data_shape, features=features, inception_weights=inception_weights,
+                                          resize=resize, device=device, seed=seed)
+        check_compatible(stats, info, extractor.dim)
+        return Reference(None, None, stats_description(stats), extractor, info, stats=stats,
+                         split=str(stats.info.get("split", "unknown")))
+    dataset = build_dataset(cfg, split)
+    if tuple(dataset.shape) != tuple(data_shape):
+        raise UserError(f"the reference data {cfg.dataset!r} has shape {list(dataset.shape)}, the model makes "
+                        f"{list(data_shape)}")
+    images = dataset.get_batch(torch.arange(len(dataset)))
+    if len(data_shape) != 3:
+        return Reference(images, None, f"{dataset.name} {split} split, {len(dataset)} points",
+                         log_density=getattr(dataset, "log_density", None), split=split)
+    extractor, info = feature_network(cfg, data_shape, features=features, inception_weights=inception_weights,
+                                      resize=resize, device=device, seed=seed)
+    feats = extractor(images)
+    mu, sigma = gaussian_stats(feats)
+    return Reference(images, feats, f"{dataset.name} {split} split, {len(dataset)} images", extractor, info,
+                     labels=dataset.labels, stats=FeatureStats(mu, sigma), split=split)
+
+
+def data_stats(cfg: DataConfig, data_shape: tuple[int, ...], *, split: Split = "train", features: Features = "auto",
+               inception_weights: str | None = None, resize: Resize = "tf1", device: torch.device | str = "cpu",
+               batch_size: int = 250, seed: int = 0, progress: bool = False) -> FeatureStats:
+    """The feature statistics of every image of ``split`` (streamed in batches), with their description."""
+    dataset = build_dataset(cfg, split)
+    if dataset.kind != "image" or tuple(dataset.shape) != tuple(data_shape):
+        raise UserError(f"reference statistics are of images; {cfg.dataset!r} holds {dataset.kind} data of shape "
+                        f"{list(dataset.shape)}")
+    extractor, info = feature_network(cfg, data_shape, features=features, inception_weights=inception_weights,
+                                      resize=resize, device=device, seed=seed)
+    starts: Any = range(0, len(dataset), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"features of {dataset.name} ({split})")
+    batches = (extractor(dataset.get_batch(torch.arange(s, min(s + batch_size, len(dataset))))) for s in starts)
+    mu, sigma, count = feature_stats(batches)
+    return FeatureStats(mu, sigma, {"features": info, "data": str(cfg.dataset), "split": split, "count": count,
+                                    "created_by": "ddpm stats"})
 
 
 def distances(samples: torch.Tensor, ref: Reference) -> dict[str, Any]:
@@ -130,7 +185,11 @@ def distances(samples: torch.Tensor, ref: Reference) -> dict[str, Any]:
     )
 
     out: dict[str, Any]
-    if ref.features is None:  # 2-D points
+    if ref.features is None and ref.stats is not None:  # a statistics file: the Frechet distance only
+        mu, sigma = gaussian_stats(ref.extractor(samples))
+        return {"frechet_distance": frechet_distance(mu, sigma, ref.stats.mu, ref.stats.sigma)}
+    if ref.features is None or ref.images is None:  # 2-D points
+        assert ref.images is not None
         out = {"sliced_wasserstein": sliced_wasserstein(samples, ref.images, num_projections=256, seed=0),
                "mmd_rbf": mmd_rbf(samples[:2000], ref.images[:2000])}
         if ref.log_density is not None:
@@ -138,7 +197,9 @@ def distances(samples: torch.Tensor, ref: Reference) -> dict[str, Any]:
             out["mean_log_density_data"] = mean_log_density(ref.images, ref.log_density)
         return out
     feats = ref.extractor(samples)
-    kid_mean, kid_se = kid(feats, ref.features, num_subsets=10, seed=0)
+    # ten disjoint subsets, fewer for fewer than 20 samples (each needs two)
+    kid_mean, kid_se = kid(feats, ref.features, num_subsets=max(1, min(10, min(len(feats), len(ref.features)) // 2)),
+                           seed=0)
     precision, recall = precision_recall(ref.features, feats, k=3)
     out = {"frechet_distance": frechet_distance_from_features(feats, ref.features), "kid": kid_mean,
            "kid_stderr": kid_se, "precision": precision, "recall": recall}
@@ -167,7 +228,7 @@ def label_accuracy(samples: torch.Tensor, requested: torch.Tensor, ref: Referenc
 
 def headline_metric(ref: Reference) -> tuple[str, str]:
     """(key in :func:`distances`, description) of the one number a sweep compares."""
-    if ref.features is None:
+    if ref.extractor is None:
         return "sliced_wasserstein", "sliced Wasserstein distance"
     name = (ref.feature_info or {}).get("name", "features")
     return "frechet_distance", f"Frechet distance ({name})"
@@ -177,21 +238,26 @@ def headline_metric(ref: Reference) -> tuple[str, str]:
 def evaluate(
     pipe: Pipeline, *, num: int, sampler: str | None = None, steps: int | None = None, spacing: Spacing | None = None,
     seed: int = 0, batch_size: int = 100, data: str | None = None, features: Features = "auto",
-    inception_weights: str | None = None, nll_images: int = 0, nll_terms: int = 40, guidance: float = 1.0,
+    inception_weights: str | None = None, resize: Resize = "tf1", ref_stats: str | Path | None = None,
+    nll_images: int = 0, nll_terms: int = 40, guidance: float = 1.0,
     guidance_scales: Sequence[float] = (), samples: torch.Tensor | None = None, reference: Reference | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Sample (unless ``samples`` are given), measure against held-out data, and return the eval card.
 
-    A class-conditional model samples balanced classes (sample i asks for class i mod K) at
-    ``guidance``; the card then adds how often the feature classifier assigns each sample to its
+    The reference is the held-out split of the run's data (or of ``data``), or the statistics file
+    ``ref_stats`` (the Frechet distance only; see :func:`make_reference`). The card's ``protocol``
+    says how the numbers were made: samples, weights, reference, split, feature network, its hash and
+    resize mode. A class-conditional model samples balanced classes (sample i asks for class i mod K)
+    at ``guidance``; the card then adds how often the feature classifier assigns each sample to its
     class, and, for each of ``guidance_scales``, the distance and that accuracy on the same seeds.
     Its bits/dim are of -log p(x | y) with the true labels.
     """
     t0 = time.perf_counter()
     sampler = pipe.sampler_name(sampler)
-    ref = reference or make_reference(pipe, data=data, features=features, inception_weights=inception_weights,
-                                      seed=seed)
+    ref = reference or make_reference(reference_data(pipe, data), pipe.data_shape, features=features,
+                                      inception_weights=inception_weights, resize=resize, device=pipe.device,
+                                      seed=seed, stats_file=ref_stats)
     num_classes = pipe.num_classes
     labels = balanced_labels(num if samples is None else samples.shape[0], num_classes) if num_classes else None
 
@@ -208,12 +274,15 @@ def evaluate(
         "options": dict(options), "seed": seed, "reference": ref.description, "features": ref.feature_info or {},
         "metrics": distances(samples, ref),
     }
+    card["protocol"] = {"samples": int(samples.shape[0]), "weights": pipe.weights, "reference": ref.description,
+                        "reference_split": ref.split, **{k: v for k, v in (ref.feature_info or {}).items()
+                                                         if k in ("name", "fingerprint", "resize")}}
     if labels is not None:
         card["classes"] = f"balanced: sample i asks for class i mod {pipe.num_classes}, guidance {guidance}"
         card["metrics"].update(label_accuracy(samples, labels, ref, num_classes or 0))
         if guidance_scales:
             card["guidance_sweep"] = guidance_sweep(pipe, ref, draw, labels, guidance_scales)
-    if pipe.is_image and nll_images > 0:
+    if pipe.is_image and nll_images > 0 and ref.images is not None:  # (a statistics file holds no images)
         true_labels = None if labels is None or ref.labels is None else ref.labels[:nll_images]
         bound = pipe.nll(ref.images[:nll_images], estimate=nll_terms, batch_size=batch_size, seed=seed,
                          labels=true_labels)
@@ -291,7 +360,8 @@ def sweep(
     Returns one row per (sampler, NFE) that the sampler can run with this T (others are skipped
     with a row whose ``skipped`` says why) and the reference used.
     """
-    ref = reference or make_reference(pipe, data=data, features=features, seed=seed)
+    ref = reference or make_reference(reference_data(pipe, data), pipe.data_shape, features=features,
+                                      device=pipe.device, seed=seed)
     key, _ = headline_metric(ref)
     rows: list[dict[str, Any]] = []
     for sampler in samplers:

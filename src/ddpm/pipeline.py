@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ddpm.build import model_from_spec, model_spec
-from ddpm.checkpoint import load_model_weights, read_config, resolve_checkpoint
+from ddpm.checkpoint import CheckpointName, load_model_weights, read_config, resolve_checkpoint
 from ddpm.choices import AMPS, WEIGHTS, Amp, Toggle, Weights, check_choice
 from ddpm.config import ModelConfig, RunConfig
 from ddpm.diffusers_format import DiffusersFormatError, is_pipeline_folder, read_pipeline_folder, write_pipeline_folder
@@ -111,13 +111,15 @@ class Pipeline:
         amp: the autocast dtype of sampling (``"none"``: float32; ``"auto"``: the device's rule).
         cuda_graphs: whether each network evaluation of sampling replays a captured CUDA graph
             (``"on"``, CUDA only; ``"auto"`` is off until ``benchmarks/gpu.py`` has measured it).
+        policy: a policy to run with as it is, on a network already prepared for it (the trainer's, for
+            the evaluation while training); None resolves one from ``amp`` and ``cuda_graphs``.
         policy: how the network runs on its device (:mod:`ddpm.nn.policy`): the memory layout and
             kernels of the device's rule (the same function up to float rounding) and ``amp``.
     """
 
     def __init__(
         self, model: nn.Module, process: DiffusionProcess, config: RunConfig, *, source: Path, weights: Weights,
-        amp: Amp = "none", cuda_graphs: Toggle = "auto",
+        amp: Amp = "none", cuda_graphs: Toggle = "auto", policy: RuntimePolicy | None = None,
     ) -> None:
         if config.model.data_shape is None:
             raise CheckpointError(f"{source}: the configuration has no model.data_shape")
@@ -128,7 +130,7 @@ class Pipeline:
         self.weights = weights
         self.data_shape: tuple[int, ...] = tuple(config.model.data_shape)
         self.amp, self.cuda_graphs = amp, cuda_graphs
-        self.policy = self._set_up(self.device)
+        self.policy = self._set_up(self.device) if policy is None else policy
 
     def __repr__(self) -> str:
         return (f"Pipeline(source={str(self.source)!r}, weights={self.weights!r}, data_shape={self.data_shape}, "
@@ -400,10 +402,11 @@ class Pipeline:
 # ------------------------------------------------------------------------------------- load
 def load(
     path: str | Path, *, weights: Weights = "ema", device: torch.device | str = "auto", amp: Amp = "none",
-    cuda_graphs: Toggle = "auto",
+    cuda_graphs: Toggle = "auto", checkpoint: CheckpointName = "latest",
 ) -> Pipeline:
-    """A :class:`Pipeline` from a run folder (its newest complete checkpoint), a checkpoint folder
-    or a diffusers pipeline folder, with ``weights`` (``"ema"`` or ``"raw"``; a diffusers folder
+    """A :class:`Pipeline` from a run folder (its newest complete checkpoint, or with
+    ``checkpoint="best"`` the one that scored best in the evaluation while training), a checkpoint
+    folder or a diffusers pipeline folder, with ``weights`` (``"ema"`` or ``"raw"``; a diffusers folder
     holds one set) on ``device`` ("auto": CUDA, else MPS, else CPU). ``amp`` is the autocast dtype
     of sampling: ``"none"`` (float32, the default: samples as the weights define them), ``"bf16"``,
     ``"fp16"`` (CUDA) or ``"auto"`` (the device's rule of :mod:`ddpm.nn.policy`); the bound is
@@ -415,12 +418,14 @@ def load(
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist")
     if is_pipeline_folder(path):
+        if checkpoint != "latest":
+            raise CheckpointError(f"{path} is a diffusers pipeline folder: it holds one model, no {checkpoint!r} one")
         parts = read_pipeline_folder(path)
         config = RunConfig(diffusion=parts.diffusion, model=ModelConfig(preset="diffusers",
                                                                         data_shape=parts.data_shape))
         return Pipeline(parts.model.to(target), build_process(parts.diffusion), config, source=path,
                         weights=weights, amp=amp, cuda_graphs=cuda_graphs)
-    folder = resolve_checkpoint(path)
+    folder = resolve_checkpoint(path, checkpoint)
     config = read_config(folder)
     if config.model.data_shape is None:
         raise CheckpointError(f"{folder}: the checkpoint's config has no model.data_shape")

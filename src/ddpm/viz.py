@@ -142,6 +142,27 @@ def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | P
     return path
 
 
+def save_eval_curve(steps: Sequence[int], values: Sequence[float], path: str | Path, *, metric: str,
+                    best_step: int | None = None, title: str = "") -> Path:
+    """An evaluation while training: ``metric`` against step, the best checkpoint's step marked."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, values, marker="o")
+    if best_step is not None and best_step in steps:
+        best = values[list(steps).index(best_step)]
+        ax.scatter([best_step], [best], s=120, facecolors="none", edgecolors="C3", label=f"best: step {best_step}")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_yscale("log")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def save_terms_plot(terms_bpd: torch.Tensor, path: str | Path, *, title: str = "") -> Path:
     """The bound's per-timestep terms ``[T]`` (bits/dim) against t, log-log."""
     plt = _pyplot()

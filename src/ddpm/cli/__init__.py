@@ -17,10 +17,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ddpm.cli import demo, eval, export, forward, nll, prepare, sample, sweep, train
+from ddpm.cli import demo, eval, export, forward, nll, prepare, runs, sample, stats, sweep, train
 from ddpm.cli.common import HelpFormatter
 
-COMMANDS = (train, prepare, sample, nll, forward, eval, sweep, demo, export)
+COMMANDS = (train, prepare, runs, sample, nll, forward, eval, stats, sweep, demo, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -105,6 +105,9 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder (its newest complete checkpoint), a checkpoint folder, "
                                       "or a diffusers pipeline folder")
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA or raw weights")
+    p.add_argument("--best", dest="which", action="store_const", const="best", default="latest",
+                   help="a run folder's best checkpoint (the evaluation while training's, best.json) instead of "
+                        "its newest")
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: CUDA, else MPS, else CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (sample i uses its own seed derived from it)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ddpm.choices import FEATURES
@@ -19,6 +20,7 @@ from ddpm.cli.common import (
     sampler_options,
     say,
 )
+from ddpm.eval.features import RESIZES
 
 
 def register(sub: Any) -> None:
@@ -33,6 +35,12 @@ def register(sub: Any) -> None:
     p.add_argument("--features", choices=FEATURES, default="auto",
                    help="feature network: the project's digit classifier (offline) or Inception-v3")
     p.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--resize", choices=RESIZES, default="tf1",
+                   help="how Inception resizes to 299: tf1 as the original FID graph (Ho et al., EDM), pytorch as "
+                        "pytorch-fid")
+    p.add_argument("--ref-stats", type=Path, default=None, metavar="FILE",
+                   help="measure against this .npz of mu and sigma (ddpm stats; pytorch-fid's, clean-fid's, EDM's) "
+                        "instead of the held-out split: the Frechet distance only")
     p.add_argument("--nll-images", type=nonnegative_int, default=100,
                    help="held-out images for the bits/dim estimate (0: skip)")
     p.add_argument("--nll-terms", type=positive_int, default=40, help="timesteps per image of the estimate")
@@ -46,21 +54,29 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import ddpm
-    from ddpm.distributed import resolve_device
-    from ddpm.evaluate import card_markdown, evaluate, write_eval_card
+    from ddpm.distributed import cleanup_distributed, is_main_process, setup_distributed
+    from ddpm.evaluate import card_markdown, evaluate, make_reference, reference_data, write_eval_card
     from ddpm.outputs import prepare_output_folder
 
-    pipe = ddpm.load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
-    sampler = pipe.sampler_name(args.sampler)
-    options = sampler_options(args, sampler)  # checked before anything is written
-    out = prepare_output_folder(args.out or default_out(pipe.source, "eval"),
-                                produces=["eval_card.json", "eval_card.md", "guidance.png"], force=args.force)
-    card = evaluate(pipe, num=args.num, sampler=sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
-                    batch_size=args.batch_size, data=args.data, features=args.features,
-                    inception_weights=args.inception_weights,
-                    nll_images=args.nll_images, nll_terms=args.nll_terms, guidance=args.guidance,
-                    guidance_scales=args.guidance_scales if pipe.can_guide else (), **options)
-    written = write_eval_card(card, out)
-    say(card_markdown(card))
-    say("wrote " + ", ".join(str(p) for p in written.values()))
+    device, _, _ = setup_distributed(args.device)  # under torchrun the samples and the bound are sharded
+    try:
+        pipe = ddpm.load(args.checkpoint, weights=args.weights, checkpoint=args.which, device=device)
+        sampler = pipe.sampler_name(args.sampler)
+        options = sampler_options(args, sampler)  # checked before anything is written
+        reference = make_reference(reference_data(pipe, args.data), pipe.data_shape, features=args.features,
+                                   inception_weights=args.inception_weights, resize=args.resize, device=pipe.device,
+                                   seed=args.seed, stats_file=args.ref_stats)  # a bad --ref-stats: refused before --out
+        out = args.out or default_out(pipe.source, "eval")
+        if is_main_process():
+            prepare_output_folder(out, produces=["eval_card.json", "eval_card.md", "guidance.png"], force=args.force)
+        card = evaluate(pipe, num=args.num, sampler=sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
+                        batch_size=args.batch_size, reference=reference,
+                        nll_images=args.nll_images, nll_terms=args.nll_terms, guidance=args.guidance,
+                        guidance_scales=args.guidance_scales if pipe.can_guide else (), **options)
+        if is_main_process():
+            written = write_eval_card(card, out)
+            say(card_markdown(card))
+            say("wrote " + ", ".join(str(p) for p in written.values()))
+    finally:
+        cleanup_distributed()
     return 0

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     device, _, _ = setup_distributed(args.device)
     try:
-        pipe = ddpm.load(args.checkpoint, weights=args.weights, device=device)
+        pipe = ddpm.load(args.checkpoint, weights=args.weights, checkpoint=args.which, device=device)
         out = args.out or default_out(pipe.source, "nll")
         if is_main_process():
             prepare_output_folder(out, produces=["nll.json", "terms.png"], force=args.force)

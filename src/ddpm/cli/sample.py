@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     device, _, _ = setup_distributed(args.device)
     try:
-        pipe = ddpm.load(args.checkpoint, weights=args.weights, device=device, amp=args.amp,
+        pipe = ddpm.load(args.checkpoint, weights=args.weights, checkpoint=args.which, device=device, amp=args.amp,
                          cuda_graphs=args.cuda_graphs)
         out = args.out or default_out(pipe.source, "samples")
         sampler = pipe.sampler_name(args.sampler)

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ddpm.evaluate import headline_metric, sweep, sweep_markdown
     from ddpm.outputs import prepare_output_folder, write_json
 
-    pipe = ddpm.load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
+    pipe = ddpm.load(args.checkpoint, weights=args.weights, checkpoint=args.which, device=resolve_device(args.device))
     out = prepare_output_folder(args.out or default_out(pipe.source, "sweep"),
                                 produces=["sweep.json", "sweep.md", "sweep.png"], force=args.force)
 

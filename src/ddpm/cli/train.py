@@ -69,6 +69,12 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str | Callable[[], str]]
     "--keep-last": ("train.keep_last", nonnegative_int, "checkpoints kept (0 = all)"),
     "--log-every": ("train.log_every", positive_int, "steps between metric lines"),
     "--sample-every": ("train.sample_every", nonnegative_int, "steps between sample grids (0 = never)"),
+    "--eval-every": ("train.eval_every", nonnegative_int, "steps between evaluations of the EMA model: its loss on the "
+                     "held-out split and --eval-samples samples measured (Frechet distance, KID) into metrics.jsonl; "
+                     "the best is kept as the run's best checkpoint (0 = never)"),
+    "--eval-samples": ("train.eval_samples", nonnegative_int, "samples measured at each evaluation (0: the loss only)"),
+    "--eval-sampler": ("train.eval_sampler", str, "their sampler (default: the process's)"),
+    "--eval-steps": ("train.eval_steps", positive_int, "their network evaluations (default: the sampler's)"),
     "--time-limit": ("train.time_limit", duration, "stop with a checkpoint before this much time has passed "
                      "since the command started (seconds, 90m, 1h30m, 2d or [D-]HH:MM:SS; leave a minute for "
                      f"start-up); exit status {EXIT_STOPPED}"),

@@ -87,7 +87,8 @@ INCEPTION_WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
 INCEPTION_INPUT_SIZE = 299  # the graph's input resolution; other sizes are resized to it
 INCEPTION_NUM_CLASSES = 1008  # the 2015 graph's classifier has 1008 outputs, not 1000
 
-Resize = Literal["tf1", "pytorch"]
+Resize = Literal["tf1", "pytorch"]  # how Inception's input is resized to 299 (see InceptionV3Features)
+RESIZES: tuple[str, ...] = get_args(Resize)
 
 
 def default_inception_weights_path() -> Path:

@@ -28,9 +28,10 @@ from ddpm.build import build_dataset, build_model, model_spec, resolve_hflip
 from ddpm.config import RunConfig, apply_overrides, validate_config
 from ddpm.distributed import is_main_process
 from ddpm.errors import ConfigError, DataError
+from ddpm.nn.policy import RuntimePolicy
 from ddpm.processes import DiffusionProcess, build_process
 from ddpm.train.run_folder import check_run_folder
-from ddpm.train.trainer import Trainer
+from ddpm.train.trainer import EvalFn, EvalResult, Trainer
 
 logger = logging.getLogger("ddpm")
 
@@ -95,6 +96,33 @@ def grid_callback(out_dir: Path, process: DiffusionProcess, data_shape: tuple[in
     return sample_fn
 
 
+def eval_callback(cfg: RunConfig, process: DiffusionProcess, data_shape: tuple[int, ...]) -> EvalFn:
+    """The evaluation while training (``train.eval_every``): ``train.eval_samples`` samples of the EMA model,
+    the same seeds every time, measured as the eval card measures them (:func:`ddpm.evaluate.evaluate`):
+    Frechet distance and KID on the data's feature network for images, the 2-D distances for points.
+
+    The reference (the held-out split and its features) is built here, once per run, so a run that
+    cannot be measured (no Inception weights, say) fails before its first step.
+    """
+    from ddpm.distributed import get_local_rank, resolve_device
+    from ddpm.evaluate import evaluate, headline_metric, make_reference
+    from ddpm.pipeline import Pipeline
+
+    tc = cfg.train
+    device = resolve_device(tc.device, local_rank=get_local_rank())
+    reference = make_reference(cfg.data, data_shape, device=device, seed=tc.seed)
+    metric, _ = headline_metric(reference)
+
+    def eval_fn(model: nn.Module, step: int, policy: RuntimePolicy) -> EvalResult:
+        pipe = Pipeline(model, process, cfg, source=Path(tc.out_dir), weights="ema", policy=policy)
+        card = evaluate(pipe, num=tc.eval_samples, sampler=tc.eval_sampler, steps=tc.eval_steps, seed=tc.seed,
+                        reference=reference)
+        scores = {k: v for k, v in card["metrics"].items() if isinstance(v, (int, float))}
+        return EvalResult(metric, scores)
+
+    return eval_fn
+
+
 def fit(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
         progress: bool = True) -> TrainResult:
     """Build data, the diffusion process and the network from ``cfg`` and train to ``cfg.train.steps``.
@@ -126,7 +154,10 @@ def fit(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = F
     out_dir = Path(cfg.train.out_dir)
     reference = dataset.get_batch(torch.arange(min(len(dataset), 2000))) if dataset.kind == "vector" else None
     sample_fn = grid_callback(out_dir, process, shape, reference)
-    trainer = Trainer(cfg, model, process, dataset, eval_dataset=eval_dataset, sample_fn=sample_fn, started=started)
+    measure = cfg.train.eval_every > 0 and cfg.train.eval_samples > 0
+    eval_fn = eval_callback(cfg, process, shape) if measure else None
+    trainer = Trainer(cfg, model, process, dataset, eval_dataset=eval_dataset, sample_fn=sample_fn, eval_fn=eval_fn,
+                      started=started)
     summary = trainer.run(resume=resume, overwrite=overwrite)
     return TrainResult(step=summary["step"], checkpoint=summary["checkpoint"],
                        nonfinite_total=summary["nonfinite_total"], config=cfg, set_aside=summary.get("set_aside"),

@@ -13,7 +13,8 @@ without changing anything, so a command can fail before it loads data.
   grids, TensorBoard logs) and starts over.
 - Resuming from a checkpoint older than the folder's newest moves every newer checkpoint folder,
   and the metrics lines after the resumed step, into ``set-aside/<time>-after-step-<step>/``;
-  nothing is deleted. Resuming from a checkpoint outside the folder into a folder that holds
+  nothing is deleted. ``best.json`` (the best checkpoint of the evaluation while training) goes
+  with them when the checkpoint it names does. Resuming from a checkpoint outside the folder into a folder that holds
   checkpoints is refused (it would mix two runs) unless ``overwrite=True`` clears it first.
 - ``metrics.jsonl`` holds no line past the step the run starts from (0 for a new run), so a
   resumed run logs every step once.
@@ -36,16 +37,20 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.checkpoint import (
+    BEST_FILE,
     CKPT_PREFIX,
     REPLACED_PREFIX,
     TMP_PREFIX,
+    best_checkpoint,
     checkpoint_folders,
     checkpoint_name,
     checkpoint_step,
     find_checkpoint,
     is_complete,
+    read_best,
     warn_skipped,
 )
+from ddpm.config import load_config
 from ddpm.errors import CheckpointError, ConfigError
 from ddpm.outputs import check_output_folder
 
@@ -367,7 +372,7 @@ def check_run_folder(folder: str | Path, *, resume: str | Path | None, overwrite
 def _delete_previous_run(folder: Path) -> None:
     """``overwrite``: delete what a run writes (set-aside/ and unknown files are kept)."""
     doomed = [p for p in folder.iterdir() if p.name.startswith((CKPT_PREFIX, TMP_PREFIX, REPLACED_PREFIX))]
-    doomed += [folder / n for n in (METRICS_FILE, "config.toml", "tensorboard") if (folder / n).exists()]
+    doomed += [folder / n for n in (METRICS_FILE, "config.toml", "tensorboard", BEST_FILE) if (folder / n).exists()]
     doomed += sorted((folder / "samples").glob("step-*.png"))
     ckpts = [p.name for p in doomed if p.name.startswith(CKPT_PREFIX)]
     for p in doomed:
@@ -391,6 +396,9 @@ def _set_aside(folder: Path, start: RunStart) -> Path | None:
         encoding="utf-8")
     if after:
         _write_lines(target / METRICS_FILE, after)
+    best = best_checkpoint(folder)
+    if best is not None and best.resolve() in {p.resolve() for p in start.newer}:  # the best goes with its future
+        os.replace(folder / BEST_FILE, target / BEST_FILE)
     for p in start.newer:
         os.replace(p, target / p.name)
     logger.warning("resuming from %s: moved %d newer checkpoint(s) (%s) to %s; nothing was deleted",
@@ -425,3 +433,82 @@ class RunFolder:
 
     def close(self) -> None:
         self.lock.release()
+
+
+# --------------------------------------------------------------------------------------------
+# Listing runs
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Where a run folder stands (``ddpm runs``)."""
+
+    folder: Path
+    state: str  # "running", "finished", "stopped (SIGTERM)", "interrupted" (killed, crashed, blew up) or "empty"
+    step: int | None  # the newest good checkpoint's step
+    steps: int | None  # the steps the run was asked for (train.steps of its configuration)
+    best: dict[str, Any] | None  # best.json: the evaluation while training's best checkpoint
+    updated: float | None  # when the newest checkpoint was written (seconds since the epoch)
+
+
+def find_runs(root: str | Path, *, depth: int = 4) -> list[Path]:
+    """Run folders at or below ``root`` (those holding ``config.toml`` or checkpoints), sorted by path."""
+    root = Path(root)
+    found: list[Path] = []
+
+    def visit(folder: Path, level: int) -> None:
+        if (folder / "config.toml").is_file() or checkpoint_folders(folder):
+            found.append(folder)
+            return
+        if level < depth:
+            for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != SET_ASIDE):
+                visit(child, level + 1)
+
+    if root.is_dir():
+        visit(root, 0)
+    return found
+
+
+def summarize_run(folder: str | Path) -> RunSummary:
+    """The state, progress and best checkpoint of the run in ``folder`` (read only; see :class:`RunSummary`)."""
+    folder = Path(folder)
+    try:
+        steps: int | None = load_config(folder / "config.toml").train.steps
+    except (ConfigError, OSError):
+        steps = None
+    try:
+        choice = find_checkpoint(folder)
+        step: int | None = choice.step
+        updated: float | None = (choice.path / "meta.json").stat().st_mtime
+    except CheckpointError:
+        step, updated = None, None
+    try:
+        check_not_in_use(folder)
+        running = False
+    except RunFolderInUseError:
+        running = True
+    stops = [r for r in _metric_records(folder) if r.get("event") == "stopped"]
+    if running:
+        state = "running"
+    elif step is None:
+        state = "empty"
+    elif steps is not None and step >= steps:
+        state = "finished"
+    elif stops and stops[-1].get("step") == step:
+        state = f"stopped ({stops[-1].get('reason')})"
+    else:
+        state = "interrupted"
+    return RunSummary(folder, state, step, steps, read_best(folder), updated)
+
+
+def _metric_records(folder: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in (folder / METRICS_FILE).read_text(encoding="utf-8", errors="replace").splitlines() \
+            if (folder / METRICS_FILE).is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the torn last line of a killed run
+        if isinstance(record, dict):
+            records.append(record)
+    return records

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -48,9 +48,12 @@ from ddpm.checkpoint import (
     checkpoint_folders,
     load_checkpoint,
     nonfinite_tensors,
+    prune_checkpoints,
+    read_best,
     read_config,
     resolve_checkpoint,
     save_checkpoint,
+    write_best,
 )
 from ddpm.config import (
     ConfigError,
@@ -66,6 +69,7 @@ from ddpm.processes import DiffusionProcess
 from ddpm.seeding import derive_seed, seeded_generator
 from ddpm.train.ema import ExponentialMovingAverage
 from ddpm.train.feed import BatchFeed
+from ddpm.train.progress import Progress
 from ddpm.train.run_folder import METRICS_FILE, RESUME_NEWEST, RunFolder
 from ddpm.train.stopping import TIME_LIMIT, StopRequest
 from ddpm.train.timesteps import make_timestep_sampler
@@ -74,6 +78,22 @@ logger = logging.getLogger("ddpm.train")
 
 NUM_T_BUCKETS = 10  # metrics report the prediction error in this many equal ranges of t
 SampleFn = Callable[[nn.Module, int], Any]
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation while training measured: ``scores`` (metrics.jsonl keys, e.g. ``frechet_distance``,
+    ``kid``) and the one of them, ``metric`` (lower is better), that picks the best checkpoint."""
+
+    metric: str
+    scores: dict[str, Any]
+
+    @property
+    def value(self) -> float:
+        return float(self.scores[self.metric])
+
+
+EvalFn = Callable[[nn.Module, int, RuntimePolicy], EvalResult]
 
 
 def linear_warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -183,6 +203,9 @@ class Trainer:
         eval_dataset: optional held-out data; the EMA model's loss on it is logged every
             ``train.eval_every`` steps.
         sample_fn: ``sample_fn(ema_model, step)`` called on rank 0 every ``train.sample_every`` steps.
+        eval_fn: ``eval_fn(ema_model, step, policy)`` called on every rank every ``train.eval_every``
+            steps (:func:`ddpm.fit` samples and measures there); its best score picks the run's best
+            checkpoint (``best.json``, never pruned).
         started: ``time.monotonic()`` when the run's clock started, which ``train.time_limit`` counts
             from (default: now; :func:`ddpm.fit` passes the time it was called).
 
@@ -198,6 +221,7 @@ class Trainer:
         *,
         eval_dataset: Any = None,
         sample_fn: SampleFn | None = None,
+        eval_fn: EvalFn | None = None,
         started: float | None = None,
     ) -> None:
         tc = config.train
@@ -212,7 +236,9 @@ class Trainer:
 
         self.config, self.process, self.dataset = config, process, dataset
         self.timestep_sampler = make_timestep_sampler(config.diffusion.timestep_sampling, process.num_timesteps)
-        self.eval_dataset, self.sample_fn = eval_dataset, sample_fn
+        self.eval_dataset, self.sample_fn, self.eval_fn = eval_dataset, sample_fn, eval_fn
+        self.best: dict[str, Any] | None = None  # the run folder's best-checkpoint record (best.json)
+        self._eval_seconds = 0.0
         self.out_dir = Path(tc.out_dir)
         self.is_main = self.rank == 0
 
@@ -243,7 +269,7 @@ class Trainer:
         self._resume_record: dict[str, Any] | None = None
         self.last_refusal: str | None = None  # why the checkpoint guard last refused to save
         self._window = _Window()
-        self._progress = None
+        self._progress: Progress | None = None
         self._tb_writer = None
         self.stop = StopRequest(grace_period=tc.grace_period, time_limit=tc.time_limit, started=started)
         self.stopped: str | None = None  # why the run stopped before train.steps (None: it did not)
@@ -283,6 +309,8 @@ class Trainer:
         tc = self.config.train
         try:
             checkpoint = self.open_run_folder(resume=resume, overwrite=overwrite)
+            best = read_best(self.out_dir) if self.is_main else None
+            self.best = cast("dict[str, Any] | None", dist_utils.broadcast_object(best))
             with self.stop.installed():
                 if checkpoint is not None:
                     self.resume(checkpoint, auto=str(resume) == "auto")
@@ -557,9 +585,7 @@ class Trainer:
         """Progress bar every step; a metrics.jsonl line (and TensorBoard) every ``train.log_every``."""
         self._window.add(stats)
         if self._progress is not None:
-            self._progress.update(1)
-            if stats.applied:
-                self._progress.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+            self._progress.advance(stats.loss if stats.applied else None)
         if self._due(self.config.train.log_every) or self.step == self.config.train.steps:
             self.write_metrics(self.window_metrics(stats))
 
@@ -582,8 +608,7 @@ class Trainer:
         }
         w.reset()
         if self._progress is not None:
-            self._progress.set_postfix(loss=f"{metrics['loss'] or float('nan'):.4f}",
-                                       img_s=f"{metrics['images_per_sec']:.1f}")
+            self._progress.report(metrics)
         return metrics
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
@@ -689,8 +714,42 @@ class Trainer:
         return dist_utils.all_reduce_sum(total.reshape(1)).item() / self.config.train.batch_size
 
     def maybe_eval(self) -> None:
-        if self.eval_dataset is not None and self._due(self.config.train.eval_every) and self.is_main:
-            self.write_metrics({"step": self.step, **self.evaluate()})
+        """Every ``train.eval_every`` steps: the EMA model's loss on the eval set, and the evaluation of its
+        samples (:attr:`eval_fn`), which keeps the best checkpoint."""
+        if not self._due(self.config.train.eval_every):
+            return
+        metrics: dict[str, Any] = {"step": self.step}
+        if self.eval_dataset is not None and self.is_main:
+            metrics.update(self.evaluate())
+        if self.eval_fn is not None:
+            started = time.perf_counter()
+            result = self.eval_fn(self.ema.module, self.step, self.policy)
+            self._eval_seconds += time.perf_counter() - started
+            run_seconds = max(time.monotonic() - self.stop.started, 1e-9)
+            metrics.update(result.scores, eval_seconds=round(self._eval_seconds, 2),
+                           eval_share=round(self._eval_seconds / run_seconds, 4))
+            best = self.keep_if_best(result)
+            if self._progress is not None:
+                self._progress.evaluated(result.metric, result.value, self.step, best=best,
+                                         share=metrics["eval_share"])
+        if len(metrics) > 1:
+            self.write_metrics(metrics)
+
+    def keep_if_best(self, result: EvalResult) -> bool:
+        """Checkpoint this step and name it in ``best.json`` when ``result`` beats the best so far (lower is
+        better); rank 0 decides for all. Pruning never deletes the best checkpoint. Returns whether it did."""
+        best = self.best
+        improved = best is None or best.get("metric") != result.metric or result.value < float(best["value"])
+        if not dist_utils.broadcast_object(improved and math.isfinite(result.value)):
+            return False
+        path = self.last_checkpoint if self._last_checkpoint_step == self.step else self.save_checkpoint()
+        if path is None:  # the checkpoint guard refused these weights: they are no one's best
+            return False
+        self.best = {"step": self.step, "checkpoint": path.name, "metric": result.metric, "value": result.value}
+        if self.is_main:
+            write_best(self.out_dir, self.best)
+            prune_checkpoints(self.out_dir, self.config.train.keep_last)  # the previous best is an ordinary one now
+        return True
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -804,11 +863,7 @@ class Trainer:
         save_config(self.config, self.out_dir / "config.toml")
         if self._resume_record is not None:
             self.write_metrics(self._resume_record)
-        from tqdm.auto import tqdm
-
-        self._progress = tqdm(
-            total=self.config.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
-        )
+        self._progress = Progress(self.config.train.steps, self.step)
         if self.config.train.tensorboard:
             self._tb_writer = _tensorboard_writer(self.out_dir / "tensorboard")
         self._window.reset()
