@@ -134,6 +134,8 @@ def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | P
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_format(plt.FormatStrFormatter("%g"))  # plain numbers, not 6x10^0
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
@@ -156,6 +158,8 @@ def save_eval_curve(steps: Sequence[int], values: Sequence[float], path: str | P
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_yscale("log")
+    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_format(plt.FormatStrFormatter("%g"))  # plain numbers, not 6x10^0
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
