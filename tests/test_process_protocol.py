@@ -74,6 +74,9 @@ class ToyBinary:
     def output_channels(self, channels: int) -> int:
         return channels
 
+    def guidance_channels(self, channels: int) -> int:
+        return channels
+
     def _r(self, t: torch.Tensor, like: torch.Tensor, *, prev: bool = False) -> torch.Tensor:
         r = torch.cat([self.r.new_ones(1), self.r]) if prev else self.r  # prev: r_{t-1}, r_{-1} = 1 (clean)
         return per_example(r.to(like.device)[t].to(like.dtype), like)

@@ -1,7 +1,8 @@
-"""Densities the variational bound needs: Gaussian KL and the discretised Gaussian decoder.
+"""Densities the variational bound needs: the KL of Gaussians and of categorical distributions, and the
+discretised decoders (Gaussian, and the truncated discretised logistic of categorical diffusion).
 
-All results are elementwise and in nats; callers average over dimensions and divide by log 2
-for bits per dimension.
+All results are elementwise (per data dimension) and in nats; callers average over dimensions
+and divide by log 2 for bits per dimension.
 """
 
 from __future__ import annotations
@@ -73,3 +74,33 @@ def discretized_gaussian_log_likelihood(
         torch.where(torch.isinf(hi), torch.special.log_ndtr(-lo), _log_ndtr_diff(lo, hi)),
     )
     return out.to(x.dtype)
+
+
+def categorical_kl(log_p: torch.Tensor, log_q: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
+    """KL(P || Q) = sum_i P(i) log(P(i) / Q(i)) in nats, over the states on ``dim`` (the seed notes' discrete KL).
+
+    ``log_p`` and ``log_q`` are log-probabilities (normalised along ``dim``; -inf for impossible
+    states). States with P(i) = 0 contribute 0, also where Q(i) = 0, and pass no NaN to gradients;
+    a state with P(i) > 0 and Q(i) = 0 makes the KL infinite.
+    """
+    p = log_p.exp()
+    possible = p > 0
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    return (p * (torch.where(possible, log_p, zero) - torch.where(possible, log_q, zero))).sum(dim=dim)
+
+
+def discretized_logistic_logits(loc: torch.Tensor, log_scale: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Log-probabilities ``[..., K]`` of a logistic(loc, exp(log_scale)) discretised to the K levels
+    -1 + 2k / (K - 1) of [-1, 1] and truncated to them (Austin et al. 2021, Appendix A.8): level k takes
+    the mass between the midpoints to its neighbours, the first and last levels the tails beyond.
+    ``loc`` and ``log_scale`` broadcast; nats.
+    """
+    levels = torch.linspace(-1.0, 1.0, num_bins, device=loc.device, dtype=loc.dtype)
+    edges = (levels[:-1] + levels[1:]) / 2
+    z = (edges - loc.unsqueeze(-1)) * torch.exp(-log_scale.unsqueeze(-1))
+    log_cdf = torch.nn.functional.logsigmoid(z)  # log CDF at the inner edges [..., K-1]
+    log_sf = torch.nn.functional.logsigmoid(-z)  # log (1 - CDF)
+    first, last = log_cdf[..., :1], log_sf[..., -1:]
+    # log(CDF(b) - CDF(a)) = log CDF(b) + log(1 - exp(log CDF(a) - log CDF(b))), stable for a < b
+    middle = log_cdf[..., 1:] + torch.log(-torch.expm1((log_cdf[..., :-1] - log_cdf[..., 1:]).clamp(max=-1e-12)))
+    return torch.cat([first, middle, last], dim=-1)

@@ -187,7 +187,8 @@ class Pipeline:
         if not self.can_guide or self.num_classes is None:
             raise UserError(f"guidance {guidance} needs a class-conditional model trained with label dropout "
                             f"(a null class); {self.source} is not one")
-        return Guided(self.model, guidance, self.num_classes, prediction_channels=self.data_shape[0])
+        return Guided(self.model, guidance, self.num_classes,
+                      prediction_channels=self.process.guidance_channels(self.data_shape[0]))
 
     def to(self, device: torch.device | str) -> Pipeline:
         """Move the network to ``device`` ("auto": CUDA, else MPS, else CPU), set up for it; returns ``self``."""

@@ -29,14 +29,24 @@ def randn(
     With one generator per example (a sequence of length ``shape[0]``), example i's noise is drawn
     from its own generator and does not depend on the batch it is in.
     """
+    return _draw(torch.randn, shape, generator, device=device, dtype=dtype)
+
+
+def rand(
+    shape: Sequence[int], generator: Generator, *, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Uniform noise in [0, 1) of ``shape``, one generator for the batch or one per example (as :func:`randn`)."""
+    return _draw(torch.rand, shape, generator, device=device, dtype=dtype)
+
+
+def _draw(fn: Callable[..., torch.Tensor], shape: Sequence[int], generator: Generator, *, device: torch.device | str,
+          dtype: torch.dtype) -> torch.Tensor:
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
-        return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+        return fn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack(
-        [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-    ).to(device)
+    return torch.stack([fn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]).to(device)
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

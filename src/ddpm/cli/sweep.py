@@ -16,7 +16,7 @@ from ddpm.cli.common import (
     positive_int,
     say,
 )
-from ddpm.samplers import SAMPLERS
+from ddpm.samplers import SAMPLERS, samplers_for
 
 
 def register(sub: Any) -> None:
@@ -25,8 +25,9 @@ def register(sub: Any) -> None:
     add_checkpoint_flags(p)
     add_output_flags(p, "sweep")
     p.add_argument("-n", "--num", type=positive_int, default=500, help="samples per setting (same seeds)")
-    p.add_argument("--samplers", type=name_list(tuple(SAMPLERS)), default=list(SAMPLERS),
-                   help=f"comma list of samplers, or all (default: all = {','.join(SAMPLERS)})")
+    p.add_argument("--samplers", type=name_list(tuple(SAMPLERS)), default=None,
+                   help=f"comma list of samplers, or all (default: all that walk the model's process; for Gaussian "
+                        f"diffusion {','.join(SAMPLERS)})")
     p.add_argument("--steps", type=int_list, default=[5, 10, 20, 50, 100], metavar="NFE,...",
                    help="comma list of network-evaluation budgets (default: 5,10,20,50,100)")
     p.add_argument("--batch-size", type=positive_int, default=100, help="samples per network call")
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             say(f"{row['sampler']:12s} {row['nfe']:5d} network evaluations  skipped: {row['skipped']}")
 
-    rows, ref = sweep(pipe, samplers=args.samplers, nfes=args.steps, num=args.num, seed=args.seed,
+    samplers = args.samplers or samplers_for(pipe.process)
+    rows, ref = sweep(pipe, samplers=samplers, nfes=args.steps, num=args.num, seed=args.seed,
                       batch_size=args.batch_size, data=args.data, features=args.features, on_row=report)
     _, metric = headline_metric(ref)
     write_json(out / "sweep.json", {"checkpoint": str(pipe.source), "num_samples": args.num, "seed": args.seed,

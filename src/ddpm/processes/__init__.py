@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ddpm.errors import ConfigError
+from ddpm.processes.categorical import CategoricalConfig, CategoricalDiffusion
 from ddpm.processes.gaussian import GaussianConfig, GaussianDiffusion, PMeanVariance
 from ddpm.processes.protocol import DiffusionProcess, ProcessConfig, TrainingLosses
 
@@ -66,9 +67,13 @@ def build_process(cfg: ProcessConfig) -> DiffusionProcess:
 
 register_process("gaussian", GaussianConfig, GaussianDiffusion.from_config,
                  "Gaussian diffusion of Ho et al. 2020 (the default)")
+register_process("categorical", CategoricalConfig, CategoricalDiffusion.from_config,
+                 "categorical diffusion over K states per dimension (D3PM, Austin et al. 2021)")
 
 __all__ = [
     "PROCESSES",
+    "CategoricalConfig",
+    "CategoricalDiffusion",
     "DiffusionProcess",
     "GaussianConfig",
     "GaussianDiffusion",

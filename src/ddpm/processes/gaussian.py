@@ -216,6 +216,9 @@ class GaussianDiffusion:
     def output_channels(self, channels: int) -> int:
         return channels * self.model_output_factor
 
+    def guidance_channels(self, channels: int) -> int:
+        return channels  # the prediction; a learned variance comes from the conditional output (as GLIDE)
+
     def __repr__(self) -> str:
         return (
             f"GaussianDiffusion(T={self.num_timesteps}, prediction={self.prediction!r}, "

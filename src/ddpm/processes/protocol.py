@@ -104,6 +104,11 @@ class DiffusionProcess(Protocol):
         """The network's output channels (or dimensions, for vector data) for data with ``channels``."""
         ...
 
+    def guidance_channels(self, channels: int) -> int:
+        """How many leading output channels classifier-free guidance combines (the rest, e.g. a learned
+        variance, are taken from the conditional output)."""
+        ...
+
     # ------------------------------------------------------------------ forward process
     def draw_noise(self, shape: Sequence[int], generator: Generator, *, device: torch.device | str) -> torch.Tensor:
         """The randomness that :meth:`q_sample` turns into x_t, for a batch of data of ``shape``.

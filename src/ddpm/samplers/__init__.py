@@ -66,12 +66,16 @@ def _frame_indices(num_steps: int, frames: int | None) -> set[int]:
     return {round(i * num_steps / (frames - 1)) for i in range(frames)}
 
 
+def samplers_for(process: DiffusionProcess) -> list[str]:
+    """The names of the samplers that walk ``process``."""
+    return [s.name for s in SAMPLERS.values() if s.family in (None, process.name)]
+
+
 def check_walks(spec: SamplerSpec, process: DiffusionProcess) -> None:
     """Raise :class:`~ddpm.errors.UserError` unless ``spec`` can walk ``process``."""
     if spec.family is not None and spec.family != process.name:
-        usable = [s.name for s in SAMPLERS.values() if s.family in (None, process.name)]
         raise UserError(f"sampler {spec.name!r} walks {spec.family} diffusion, not the {process.name!r} process of "
-                        f"this model; samplers for it: {', '.join(usable)}")
+                        f"this model; samplers for it: {', '.join(samplers_for(process))}")
 
 
 def sampling_chain(
@@ -222,6 +226,7 @@ __all__ = [
     "all_options",
     "check_options",
     "check_walks",
+    "samplers_for",
     "get_spec",
     "make_grid",
     "make_options",
