@@ -522,3 +522,23 @@ def test_a_data_set_added_outside_is_loadable_and_its_facts_reach_training_evalu
         assert "test-stripes" in "".join(capsys.readouterr().out.split())  # help text wraps at hyphens
     finally:
         DATASETS.pop("test-stripes")
+
+
+def test_bars_and_stripes_has_the_entropy_it_states() -> None:
+    """All 2^16 binary 4x4 images enumerated: the probabilities sum to 1, their entropy is ENTROPY_BITS, and the
+    generated images are bars or stripes with those frequencies."""
+    from ddpm.data.bars import ENTROPY_BITS, log_prob, sample_bars
+
+    codes = torch.arange(2**16)
+    every = ((codes[:, None] >> torch.arange(16)) & 1).reshape(-1, 1, 4, 4) * 255
+    p = log_prob(every).exp()
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-12) and int((p > 0).sum()) == 30
+    assert float(-(p[p > 0] * p[p > 0].log2()).sum() / 16) == pytest.approx(ENTROPY_BITS, abs=1e-12)
+    images = sample_bars(20_000, torch.Generator().manual_seed(0))
+    assert images.dtype == torch.uint8 and set(images.unique().tolist()) == {0, 255}
+    drawn = ((images.reshape(-1, 16) > 0).long() << torch.arange(16)).sum(1)
+    assert torch.isfinite(log_prob(images)).all()
+    freq = torch.bincount(drawn, minlength=2**16).double() / 20_000
+    assert float((freq - p).abs().max()) < 0.01  # the largest probability is 1/16
+    test = load_dataset("bars", split="test", num_points=50)
+    assert tuple(test.get_batch(torch.arange(2)).shape) == (2, 1, 4, 4)

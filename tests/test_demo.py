@@ -42,3 +42,20 @@ def test_demo_writes_every_promised_file(class_cond: bool, tmp_path: Path, monke
         first = (out / "run" / "ckpt-00000003").stat().st_mtime_ns
         assert main(argv) == 0
         assert (out / "run" / "ckpt-00000003").stat().st_mtime_ns != first
+
+
+def test_the_categorical_demo_writes_the_same_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(evaluate, "classifier_for", functools.partial(evaluate.classifier_for, epochs=1))
+    out = tmp_path / "demo"
+    argv = ["demo", "--process", "categorical", "--out", str(out), "--steps", "2", "--num-samples", "10",
+            "--nll-images", "2", "--sample-steps", "3"]
+    assert main(argv) == 0
+    assert "training categorical diffusion" in capsys.readouterr().out
+    for name in ["samples.npz", "samples.png", "reverse_chain.gif", "reverse_chain.png", "forward_chain.png",
+                 "loss.png", "eval_card.json", "eval_card.md"]:
+        assert (out / name).is_file(), name
+    card = json.loads((out / "eval_card.json").read_text())
+    assert (card["sampler"], card["network_evaluations"]) == ("ancestral", 3)
+    assert np.isfinite(card["metrics"]["frechet_distance"]) and card["bits_per_dim"]["total_bpd"] > 0

@@ -28,21 +28,40 @@ from ddpm.train.fit import fit
 # noise hurt, so the conditional demo takes UniPC (benchmarks/results/guided-samplers-demo-cond.md).
 DEMO_SAMPLERS = {False: "dpm++2m-sde", True: "unipc"}
 DEMO_SAMPLE_STEPS = 10
+# Categorical diffusion has one sampler, its ancestral chain; respaced to CATEGORICAL_SAMPLE_STEPS
+# (benchmarks/results/demo-categorical.md)
+CATEGORICAL_SAMPLE_STEPS = 100
+DEMO_PROCESSES = ("gaussian", "categorical")
+
+# The diffusion of each demo: Gaussian: v-prediction with min-SNR weighting and the cosine schedule (eps-
+# prediction at this budget gave speckled blobs, benchmarks/results/demo-recipe.md); categorical: D3PM-Gauss
+# over the 256 levels with the hybrid loss (Austin et al.'s best bound on CIFAR-10), K logits per pixel.
+DEMO_DIFFUSION: dict[str, dict[str, Any]] = {
+    "gaussian": {"diffusion.schedule": "cosine", "diffusion.prediction": "v", "diffusion.loss_weighting": "min-snr"},
+    "categorical": {"diffusion.transition": "gaussian", "diffusion.num_states": 256, "diffusion.head": "logits",
+                    "diffusion.hybrid_weight": 0.001},
+}
 
 
-def demo_config(out_dir: str, steps: int, seed: int, *, class_cond: bool = False) -> RunConfig:
+def demo_sampling(process: str, class_cond: bool) -> tuple[str, int]:
+    """The demo's default sampler and its number of steps (network evaluations)."""
+    if process == "categorical":
+        return "ancestral", CATEGORICAL_SAMPLE_STEPS
+    return DEMO_SAMPLERS[class_cond], DEMO_SAMPLE_STEPS
+
+
+def demo_config(out_dir: str, steps: int, seed: int, *, class_cond: bool = False,
+                process: str = "gaussian") -> RunConfig:
     """The built-in MNIST recipe tuned for quality per CPU minute (see the README for the measurements).
 
     ``class_cond``: condition on the digit, with 10% of the labels dropped for classifier-free guidance.
+    ``process``: ``"gaussian"`` or ``"categorical"``, the same network, data and training budget.
     """
     return apply_overrides(RunConfig(), {
         "model.class_cond": class_cond, "model.cond_drop": 0.1,
         "data.dataset": "mnist5k", "data.hflip": False,
         "model.preset": "mnist-28",
-        # v-prediction with min-SNR weighting and the cosine schedule: eps-prediction at this budget gave
-        # speckled blobs (benchmarks/results/demo-recipe.md)
-        "diffusion.schedule": "cosine", "diffusion.timesteps": 1000, "diffusion.prediction": "v",
-        "diffusion.loss_weighting": "min-snr",
+        "diffusion.process": process, "diffusion.timesteps": 1000, **DEMO_DIFFUSION[process],
         "optim.lr": 2e-3, "optim.warmup_steps": 100, "optim.grad_clip": 1.0, "optim.weight_decay": 0.0,
         "ema.decay": 0.999, "ema.warmup": "power", "ema.power": 0.75,
         "train.steps": steps, "train.batch_size": 64, "train.seed": seed, "train.device": "cpu",
@@ -95,9 +114,9 @@ def forward_strip(pipe: Pipeline, path: Path) -> Path:
 
 def run_demo(
     out: str | Path, *, steps: int = 1500, num_samples: int = 500, sampler: str | None = None,
-    sample_steps: int = DEMO_SAMPLE_STEPS, nll_images: int = 100, seed: int = 0, resume: bool = False,
+    sample_steps: int | None = None, nll_images: int = 100, seed: int = 0, resume: bool = False,
     class_cond: bool = False, guidance: float = 2.0,
-    guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0),
+    guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0), process: str = "gaussian",
 ) -> DemoResult:
     """Train the demo recipe into ``out/run``, then sample, animate and measure into ``out``.
 
@@ -105,18 +124,19 @@ def run_demo(
 
     ``class_cond``: a digit-conditional model; its samples are balanced over the digits at
     ``guidance``, the grid has one row per digit, and the eval card adds label accuracy and the
-    guidance sweep ``guidance_scales``.
+    guidance sweep ``guidance_scales``. ``process``: the Gaussian demo or the categorical one (D3PM).
     """
     out = Path(out)
     t_start = time.perf_counter()
-    sampler = sampler or DEMO_SAMPLERS[class_cond]
-    print(f"ddpm demo: training on built-in MNIST-5k for {steps} steps (CPU), then sampling with {sampler} at "
-          f"{sample_steps} network evaluations and measuring", flush=True)
-    if (sampler, sample_steps) == (DEMO_SAMPLERS[class_cond], DEMO_SAMPLE_STEPS):
+    default_sampler, default_steps = demo_sampling(process, class_cond)
+    sampler, sample_steps = sampler or default_sampler, sample_steps or default_steps
+    print(f"ddpm demo: training {process} diffusion on built-in MNIST-5k for {steps} steps (CPU), then sampling "
+          f"with {sampler} at {sample_steps} network evaluations and measuring", flush=True)
+    if process == "gaussian" and (sampler, sample_steps) == (DEMO_SAMPLERS[class_cond], DEMO_SAMPLE_STEPS):
         print(f"  ({sampler} at {sample_steps} evaluations, measured against 50 ancestral steps on this recipe: "
               "a lower Frechet distance; README \"Samplers\" and \"Conditional generation\")", flush=True)
-    fit(demo_config(str(out / "run"), steps, seed, class_cond=class_cond), resume="auto" if resume else None,
-        overwrite=not resume)
+    fit(demo_config(str(out / "run"), steps, seed, class_cond=class_cond, process=process),
+        resume="auto" if resume else None, overwrite=not resume)
     train_seconds = time.perf_counter() - t_start
     pipe = load(out / "run", weights="ema", device="cpu")
     files: dict[str, Path] = {}

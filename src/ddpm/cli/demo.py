@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.cli.common import HelpFormatter, nonnegative_float, nonnegative_int, positive_int, say
-from ddpm.demo import DEMO_SAMPLE_STEPS, DEMO_SAMPLERS, run_demo
+from ddpm.demo import CATEGORICAL_SAMPLE_STEPS, DEMO_PROCESSES, DEMO_SAMPLE_STEPS, DEMO_SAMPLERS, run_demo
 from ddpm.samplers import SAMPLERS
 
 
@@ -20,8 +20,12 @@ def register(sub: Any) -> None:
     p.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
                    help=f"sampler (default: {DEMO_SAMPLERS[False]}, with --class-cond {DEMO_SAMPLERS[True]}: "
                         "at 10 evaluations each had a lower Frechet distance than 50 ancestral steps on this recipe)")
-    p.add_argument("--sample-steps", type=positive_int, default=DEMO_SAMPLE_STEPS,
-                   help="network evaluations per sample")
+    p.add_argument("--sample-steps", type=positive_int, default=None,
+                   help=f"network evaluations per sample (default: {DEMO_SAMPLE_STEPS}; categorical: "
+                        f"{CATEGORICAL_SAMPLE_STEPS} ancestral steps)")
+    p.add_argument("--process", choices=DEMO_PROCESSES, default="gaussian",
+                   help="the diffusion: Gaussian (Ho et al.) or categorical over the 256 levels (D3PM, Gaussian "
+                        "transitions), the same network, data and budget")
     p.add_argument("--nll-images", type=nonnegative_int, default=100, help="held-out images for the bits/dim estimate")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
@@ -35,7 +39,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_demo(args.out, steps=args.steps, num_samples=args.num_samples, sampler=args.sampler,
                       sample_steps=args.sample_steps, nll_images=args.nll_images, seed=args.seed, resume=args.resume,
-                      class_cond=args.class_cond, guidance=args.guidance)
+                      class_cond=args.class_cond, guidance=args.guidance, process=args.process)
     card = result.card
     m = card["metrics"]
     say(f"\nFrechet distance (classifier features) {m['frechet_distance']:.2f}, KID {m['kid']:.4f} +/- "

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ddpm.choices import LOADERS, SPLITS, Loader, check_choice
-from ddpm.data import builtin, cache, images, standard, toy2d  # noqa: F401 - importing them registers their sets
+from ddpm.data import bars, builtin, cache, images, standard, toy2d  # noqa: F401 - importing them registers their sets
 from ddpm.data.arrays import (
     ArrayDataset,
     images_to_nchw,
