@@ -49,7 +49,8 @@ def generators(seed: int, n: int) -> list[torch.Generator]:
 
 @torch.no_grad()
 def diffusers_loop(folder: Path, n: int, seed: int, scheduler_cls: str = "DDPMScheduler",
-                   num_inference_steps: int | None = None, **scheduler_overrides) -> torch.Tensor:
+                   num_inference_steps: int | None = None, step_kwargs: dict | None = None,
+                   **scheduler_overrides) -> torch.Tensor:
     """diffusers' own sampling loop over a pipeline folder, with our per-sample noise streams."""
     pipe = diffusers.DDPMPipeline.from_pretrained(str(folder))
     scheduler = getattr(diffusers, scheduler_cls).from_config(pipe.scheduler.config, **scheduler_overrides)
@@ -58,7 +59,7 @@ def diffusers_loop(folder: Path, n: int, seed: int, scheduler_cls: str = "DDPMSc
     x = torch.stack([torch.randn(1, 8, 8, generator=g) for g in gens])
     for t in scheduler.timesteps:
         out = pipe.unet(x, t).sample
-        x = scheduler.step(out, t, x, generator=gens).prev_sample
+        x = scheduler.step(out, t, x, generator=gens, **(step_kwargs or {})).prev_sample
     return x
 
 
@@ -97,6 +98,20 @@ def test_ddim_at_50_steps_matches_diffusers_ddim_scheduler(tmp_path: Path, predi
     ours = pipe.sample(3, sampler="ddim", steps=50, spacing="leading", seed=2, clip_denoised=False)
     theirs = diffusers_loop(folder, 3, 2, "DDIMScheduler", 50, clip_sample=False)  # eta = 0 in its step
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-5)  # unclipped: values reach the hundreds
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_clipped_ddim_is_diffusers_ddim_with_the_clipped_model_output(tmp_path: Path, prediction: str) -> None:
+    """With x_0 clipped to [-1, 1], our DDIM re-derives eps from the clipped x_0 (Song et al.'s
+    Eq. 12 with the clipped prediction, as improved-diffusion): diffusers' DDIMScheduler with
+    ``use_clipped_model_output=True``. Its default keeps the network's eps, a different sampler."""
+    pipe = make_pipe("linear", prediction, 1000, seed=1)
+    folder = pipe.save_pretrained(tmp_path / "export")
+    ours = pipe.sample(3, sampler="ddim", steps=20, spacing="leading", seed=2)  # clip_denoised by default
+    clipped = diffusers_loop(folder, 3, 2, "DDIMScheduler", 20, step_kwargs={"use_clipped_model_output": True})
+    torch.testing.assert_close(clipped, ours, atol=1e-4, rtol=0)
+    default = diffusers_loop(folder, 3, 2, "DDIMScheduler", 20)
+    assert (default - ours).abs().max() > 1e-2  # clipping was active: the conventions differ
 
 
 @pytest.mark.parametrize("beta_schedule, prediction_type", [("squaredcos_cap_v2", "v_prediction"),
