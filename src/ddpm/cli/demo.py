@@ -19,7 +19,8 @@ def register(sub: Any) -> None:
     p.add_argument("--num-samples", type=positive_int, default=500, help="samples drawn and measured")
     p.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
                    help=f"sampler (default: {DEMO_SAMPLERS[False]}, with --class-cond {DEMO_SAMPLERS[True]}: "
-                        "at 10 evaluations each had a lower Frechet distance than 50 ancestral steps on this recipe)")
+                        "at 10 evaluations each had a lower Frechet distance than 50 ancestral steps on this recipe; "
+                        "categorical: ancestral, its only sampler)")
     p.add_argument("--sample-steps", type=positive_int, default=None,
                    help=f"network evaluations per sample (default: {DEMO_SAMPLE_STEPS}; categorical: "
                         f"{CATEGORICAL_SAMPLE_STEPS} ancestral steps)")

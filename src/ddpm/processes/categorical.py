@@ -48,7 +48,7 @@ import torch
 from ddpm.choices import check_choice
 from ddpm.distributions import LOG2, categorical_kl, discretized_logistic_logits
 from ddpm.errors import ConfigError, UserError
-from ddpm.processes.protocol import ProcessConfig, TrainingLosses, described
+from ddpm.processes.protocol import ProcessConfig, TrainingLosses, check_images_in_range, check_timesteps, described
 from ddpm.schedules import SCHEDULES, make_betas, space_timesteps
 from ddpm.tensors import Generator, Model, mean_flat, rand
 
@@ -147,6 +147,14 @@ class Transitions:
         return torch.where((t == 0)[:, None, None], eye, self.Qbar[(t - 1).clamp(min=0)])
 
 
+def _select_rows(tables: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """Row ``states`` of each example's matrix: ``tables`` ``[B, K', K']``, ``states`` int ``[B, ...]`` ->
+    ``[B, ..., K']``."""
+    flat = states.reshape(states.shape[0], -1)
+    rows = torch.gather(tables, 1, flat[:, :, None].expand(-1, -1, tables.shape[-1]))
+    return rows.reshape(*states.shape, tables.shape[-1])
+
+
 # ------------------------------------------------------------------------------------------- process
 class CategoricalDiffusion:
     """D3PM over K states per dimension (see the module docstring); a :class:`~ddpm.processes.DiffusionProcess`.
@@ -218,14 +226,6 @@ class CategoricalDiffusion:
         values = states.clamp(max=self.num_states - 1).float() / (self.num_states - 1) * 2.0 - 1.0
         return torch.where(states == self.num_states, MASK_VALUE, values) if self.absorbing else values
 
-    def _check_timesteps(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device).long()
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],) or int(t.min()) < 0 or int(t.max()) >= self.num_timesteps:
-            raise ValueError(f"t must be [B] indices in 0..{self.num_timesteps - 1}, got {t.tolist()}")
-        return t
-
     # ------------------------------------------------------------------ forward process
     def draw_noise(self, shape: Sequence[int], generator: Generator, *, device: torch.device | str) -> torch.Tensor:
         """One uniform per dimension: q_sample inverts the CDF of q(x_t | x_0) at it."""
@@ -233,17 +233,17 @@ class CategoricalDiffusion:
 
     def q_probs(self, x0_states: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x_0) = x_0 Qbar_t, ``[B, ..., K']``."""
-        qbar = self.tables(x0_states.device).Qbar[t]  # [B, K', K']
-        flat = x0_states.reshape(x0_states.shape[0], -1)
-        rows = torch.gather(qbar, 1, flat[:, :, None].expand(-1, -1, qbar.shape[-1]))
-        return rows.reshape(*x0_states.shape, qbar.shape[-1])
+        return _select_rows(self.tables(x0_states.device).Qbar[t], x0_states)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t ~ q(x_t | x_0): the state where the CDF of x_0 Qbar_t first exceeds the uniform ``noise``."""
-        t = self._check_timesteps(t, x0)
-        cdf = self.q_probs(self.to_states(x0), t).cumsum(-1)
+        t = check_timesteps(t, x0, self.num_timesteps)
+        return self.to_values(self._q_sample_states(self.to_states(x0), t, noise))
+
+    def _q_sample_states(self, x0_states: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        cdf = self.q_probs(x0_states, t).cumsum(-1)
         states = torch.searchsorted(cdf, noise.to(cdf.dtype).unsqueeze(-1).contiguous() * cdf[..., -1:]).squeeze(-1)
-        return self.to_values(states.clamp_(max=self.num_total_states - 1))
+        return states.clamp_(max=self.num_total_states - 1)
 
     def _likelihoods(self, x_t_states: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t Q_t^T: q(x_t | x_{t-1}) for every x_{t-1} (column x_t of Q_t), ``[B, ..., K']``; 0 where x_{t-1}
@@ -254,10 +254,7 @@ class CategoricalDiffusion:
 
     def _rows(self, x0_states: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_0 Qbar_{t-1} for data states x_0 (row x_0 of Qbar_{t-1}; x_0 itself at t = 0): ``[B, ..., K']``."""
-        qbar = self.tables(x0_states.device).qbar_prev(t)
-        flat = x0_states.reshape(x0_states.shape[0], -1)
-        rows = torch.gather(qbar, 1, flat[:, :, None].expand(-1, -1, qbar.shape[-1]))
-        return rows.reshape(*x0_states.shape, qbar.shape[-1])
+        return _select_rows(self.tables(x0_states.device).qbar_prev(t), x0_states)
 
     def _mixture(self, probs_x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """p~(x_0 | x_t) Qbar_{t-1} for the network's probabilities ``[B, ..., K']``."""
@@ -304,12 +301,11 @@ class CategoricalDiffusion:
     def training_losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, *,
                         y: torch.Tensor | None = None) -> TrainingLosses:
         """L_vb at the sampled t (bits/dim) + hybrid_weight * CE of p~(x_0 | x_t) (bits/dim), per example."""
-        t = self._check_timesteps(t, x0)
-        self._check_levels(x0)
-        x_t = self.q_sample(x0, t, noise)
-        logits = self.x0_logits(model, x_t, t, y=y)
-        x0_states = self.to_states(x0)
-        vlb = self._terms(logits, x0_states, self.to_states(x_t), t)
+        t = check_timesteps(t, x0, self.num_timesteps)
+        x0_states = self._states_on_levels(x0)
+        x_t_states = self._q_sample_states(x0_states, t, noise)
+        logits = self.x0_logits(model, self.to_values(x_t_states), t, y=y)
+        vlb = self._terms(logits, x0_states, x_t_states, t)
         ce = -mean_flat(torch.gather(logits, -1, x0_states.unsqueeze(-1)).squeeze(-1)) / LOG2
         return TrainingLosses(loss=vlb + self.hybrid_weight * ce, error=ce.detach(), vlb=vlb.detach(), t=t)
 
@@ -339,25 +335,24 @@ class CategoricalDiffusion:
         return mean_flat(torch.where(first, decoder, kl)) / LOG2
 
     def check_data(self, x0: torch.Tensor) -> None:
-        if not torch.isfinite(x0).all():
-            raise UserError("x0 contains non-finite values; the bound needs finite data in [-1, 1]")
-        lo, hi = float(x0.min()), float(x0.max())
-        if lo < -1.0 - 1e-5 or hi > 1.0 + 1e-5:
-            raise UserError(f"x0 must lie in [-1, 1] ({self.num_states} levels), got values in [{lo:.4g}, {hi:.4g}]")
-        self._check_levels(x0)
+        check_images_in_range(x0, f"the {self.num_states} levels")
+        self._states_on_levels(x0)
 
-    def _check_levels(self, x0: torch.Tensor) -> None:
-        """Refuse data off the K levels: the chain would silently model a rounded copy of it."""
-        off = (x0 - self.to_values(self.to_states(x0))).abs()
+    def _states_on_levels(self, x0: torch.Tensor) -> torch.Tensor:
+        """The states of data ``x0``; data off the K levels is refused (the chain would silently model a rounded
+        copy of it)."""
+        states = self.to_states(x0)
+        off = (x0 - self.to_values(states)).abs()
         if float(off.max()) > 1e-4:
             value = float(x0.flatten()[off.flatten().argmax()])
             raise UserError(f"categorical diffusion with num_states={self.num_states} needs data on the levels "
                             f"-1 + 2k / {self.num_states - 1}, got the value {value:.6g} (8-bit images need "
                             "num_states=256)")
+        return states
 
     def vlb_term(self, model: Model, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
                  y: torch.Tensor | None = None) -> torch.Tensor:
-        t = self._check_timesteps(t, x_t)
+        t = check_timesteps(t, x_t, self.num_timesteps)
         logits = self.x0_logits(model, x_t, t, y=y)
         return self._terms(logits, self.to_states(x0), self.to_states(x_t), t)
 
@@ -390,7 +385,7 @@ class CategoricalDiffusion:
         """x_{t-1} ~ p_theta(x_{t-1} | x_t) (by inverting its CDF at a uniform from the generator(s)), and the
         mean x_0 the network expects, as a value. The last step (t = 0) takes the most probable x_0 without
         noise, as the Gaussian chain takes the decoder's mean (and as Austin et al.'s sampler does)."""
-        t = self._check_timesteps(t, x_t)
+        t = check_timesteps(t, x_t, self.num_timesteps)
         probs_x0 = self.x0_logits(model, x_t, t).exp()
         joint = self._likelihoods(self.to_states(x_t), t) * self._mixture(probs_x0, t)  # p_theta, unnormalised
         u = rand(x_t.shape, generator, device=x_t.device, dtype=torch.float32)

@@ -41,7 +41,7 @@ from ddpm.choices import (
 )
 from ddpm.distributions import LOG2, discretized_gaussian_log_likelihood, normal_kl
 from ddpm.errors import ConfigError, UserError
-from ddpm.processes.protocol import ProcessConfig, TrainingLosses, described
+from ddpm.processes.protocol import ProcessConfig, TrainingLosses, check_images_in_range, check_timesteps, described
 from ddpm.schedules import (
     SCHEDULES,
     Schedule,
@@ -234,20 +234,7 @@ class GaussianDiffusion:
 
     def check_timesteps(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Validate t (integer ``[B]``, 0 <= t < T, B = x.shape[0]) and move it to x's device."""
-        if not isinstance(t, torch.Tensor):
-            t = torch.as_tensor(t)
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise TypeError(f"t must be an integer tensor, got dtype {t.dtype}")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape [B]=[{x.shape[0]}], got {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
-            raise ValueError(
-                f"t out of range: got values in [{int(t.min())}, {int(t.max())}], "
-                f"valid indices are 0..{self.num_timesteps - 1}"
-            )
-        return t.to(device=x.device, dtype=torch.long)
+        return check_timesteps(t, x, self.num_timesteps)
 
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha, sigma) = (sqrt(abar_t), sqrt(1 - abar_t)) at indices ``t``, shaped ``[B, 1, ...]`` like ``like``."""
@@ -386,11 +373,7 @@ class GaussianDiffusion:
         if x0.ndim != 4:
             raise UserError(f"the bound uses the 256-level decoder of 8-bit images [B, C, H, W]; got data of shape "
                             f"{list(x0.shape)}")
-        if not torch.isfinite(x0).all():
-            raise UserError("x0 contains non-finite values; the bound needs finite data in [-1, 1]")
-        lo, hi = float(x0.min()), float(x0.max())
-        if lo < -1.0 - 1e-5 or hi > 1.0 + 1e-5:
-            raise UserError(f"x0 must lie in [-1, 1] for the discretised decoder, got values in [{lo:.4g}, {hi:.4g}]")
+        check_images_in_range(x0, "the discretised decoder")
 
     def vlb_term(
         self,

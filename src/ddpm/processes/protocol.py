@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ddpm.choices import TimestepSampling
-from ddpm.errors import ConfigError
+from ddpm.errors import ConfigError, UserError
 from ddpm.tensors import Generator, Model
 
 
@@ -76,6 +76,33 @@ class ProcessConfig:
         """Raise :class:`~ddpm.errors.ConfigError` naming the key of a value the process cannot take."""
         if self.timesteps < 1:
             raise ConfigError(f"diffusion.timesteps={self.timesteps} must be >= 1")
+
+
+def check_timesteps(t: torch.Tensor, x: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """Validate t (integer ``[B]`` or a scalar, 0 <= t < T, B = x.shape[0]); returns it as int64 ``[B]`` on x's
+    device."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"t must be an integer tensor, got dtype {t.dtype}")
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must have shape [B]=[{x.shape[0]}], got {tuple(t.shape)}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_timesteps):
+        raise ValueError(
+            f"t out of range: got values in [{int(t.min())}, {int(t.max())}], valid indices are 0..{num_timesteps - 1}"
+        )
+    return t.to(device=x.device, dtype=torch.long)
+
+
+def check_images_in_range(x0: torch.Tensor, model: str) -> None:
+    """Raise :class:`~ddpm.errors.UserError` unless ``x0`` is finite and in [-1, 1] (``model`` says what needs it)."""
+    if not torch.isfinite(x0).all():
+        raise UserError("x0 contains non-finite values; the bound needs finite data in [-1, 1]")
+    lo, hi = float(x0.min()), float(x0.max())
+    if lo < -1.0 - 1e-5 or hi > 1.0 + 1e-5:
+        raise UserError(f"x0 must lie in [-1, 1] for {model}, got values in [{lo:.4g}, {hi:.4g}]")
 
 
 @runtime_checkable
