@@ -37,12 +37,13 @@ returns its denoised output m0: every other term vanishes there. A learned varia
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ddpm.samplers.registry import SamplerOptions, SamplerSpec, option, register_sampler
-from ddpm.samplers.state import SamplerState
+from ddpm.samplers.state import Denoised, SamplerState
 
 LOWER_ORDER_FINAL_BELOW = 15  # grids shorter than this take a second-order step into their last point
 
@@ -68,34 +69,41 @@ def dpm_solver_step(state: SamplerState, x: torch.Tensor, index: int, *, order: 
     d = state.denoise(x, index)
     if index == 0:  # lambda_t = +inf: (sigma_t / sigma_s) and e^{-ch} vanish, x_0 = m0
         return d.x0, d.x0
-    c = 1.0 + eta
-    lam_s, lam_t = d.lam, state.lam(index - 1)
-    h = lam_t - lam_s
-    alpha_t, sigma_t = state.alpha_sigma(index - 1)
-    sigma_s = state.alpha_sigma(index)[1]
-    w0, w1, w2 = _moments(h, c)
-
     usable = min(order, len(state.history))
     if index == 1 and state.num_points < LOWER_ORDER_FINAL_BELOW:
         usable = min(usable, 2)
-    m = [e.x0 for e in reversed(state.history[-usable:])]  # m[0] = m0 (here), m[1] = m1, ...
-    lam = [e.lam for e in reversed(state.history[-usable:])]
-
-    out = (sigma_t / sigma_s * math.exp(-eta * h)) * x
-    if usable == 1:
-        out = out + (alpha_t * w0) * m[0]
-    elif usable == 2:
-        r0 = (lam[0] - lam[1]) / h
-        out = out + (alpha_t * w0) * (m[0] + (m[0] - m[1]) / (2.0 * r0))
-    else:
-        r0, r1 = (lam[0] - lam[1]) / h, (lam[1] - lam[2]) / h
-        d1_0, d1_1 = (m[0] - m[1]) / r0, (m[1] - m[2]) / r1
-        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        out = out + (alpha_t * w0) * m[0] + (alpha_t * w1 / h) * d1 + (alpha_t * 2.0 * w2 / h**2) * d2
+    alpha_t, sigma_t = state.alpha_sigma(index - 1)
+    lam_t = state.lam(index - 1)
+    out = multistep_update(x, state.history[-usable:], lam_t=lam_t, alpha_t=alpha_t, sigma_t=sigma_t,
+                           sigma_s=state.alpha_sigma(index)[1], eta=eta)
     if eta > 0:
-        out = out + (sigma_t * math.sqrt(-math.expm1(-2.0 * eta * h))) * state.noise_like(x)
+        out = out + (sigma_t * math.sqrt(-math.expm1(-2.0 * eta * (lam_t - d.lam)))) * state.noise_like(x)
     return out, d.x0
+
+
+def multistep_update(x: torch.Tensor, history: Sequence[Denoised], *, lam_t: float, alpha_t: float, sigma_t: float,
+                     sigma_s: float, eta: float = 0.0) -> torch.Tensor:
+    """The deterministic part of x_t (the module docstring's formula) from x at s and 1-3 denoised outputs.
+
+    ``history`` holds them oldest first, the newest at s itself; its length is the order. Valid in
+    either direction: h = lambda_t - lambda_s < 0 runs the ODE towards noise (inversion,
+    :mod:`ddpm.editing.inversion`). Returns ``[B, ...]`` without the SDE's fresh noise.
+    """
+    m = [e.x0 for e in reversed(history)]  # m[0] = m0 (at s), m[1] = m1, ...
+    lam = [e.lam for e in reversed(history)]
+    h = lam_t - lam[0]
+    w0, w1, w2 = _moments(h, 1.0 + eta)
+    out = (sigma_t / sigma_s * math.exp(-eta * h)) * x
+    if len(m) == 1:
+        return out + (alpha_t * w0) * m[0]
+    if len(m) == 2:
+        r0 = (lam[0] - lam[1]) / h
+        return out + (alpha_t * w0) * (m[0] + (m[0] - m[1]) / (2.0 * r0))
+    r0, r1 = (lam[0] - lam[1]) / h, (lam[1] - lam[2]) / h
+    d1_0, d1_1 = (m[0] - m[1]) / r0, (m[1] - m[2]) / r1
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    return out + (alpha_t * w0) * m[0] + (alpha_t * w1 / h) * d1 + (alpha_t * 2.0 * w2 / h**2) * d2
 
 
 def dpmpp_2m_step(state: SamplerState, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
