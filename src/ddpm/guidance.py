@@ -45,7 +45,11 @@ class Guided:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None:
             raise ValueError("a guided model needs class labels y")
-        null = torch.full_like(y, self.null_class)
+        if y.dtype.is_floating_point:  # class weights [B, E]: the null class's one-hot row
+            null = torch.zeros_like(y)
+            null[:, self.null_class] = 1.0
+        else:
+            null = torch.full_like(y, self.null_class)
         if self.scale == 1.0:
             return self.model(x_t, t, y=y)
         if self.scale == 0.0:

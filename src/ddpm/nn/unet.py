@@ -491,8 +491,11 @@ class UNet(nn.Module):
             if not cfg.null_class:
                 raise ValueError("this U-Net has no null class: class labels y are required")
             return torch.full((x.shape[0],), cfg.num_classes, device=x.device, dtype=torch.long)
+        if y.dtype.is_floating_point and y.shape == (x.shape[0], cfg.num_class_embeds):
+            return y.to(x.device)  # class weights: a mixture of the class embeddings
         if y.shape != (x.shape[0],) or y.dtype.is_floating_point:
-            raise ValueError(f"class labels y must be integers of shape [{x.shape[0]}], got {y.dtype} {tuple(y.shape)}")
+            raise ValueError(f"class labels y must be integers of shape [{x.shape[0]}] (or class weights "
+                             f"[{x.shape[0]}, {cfg.num_class_embeds}]), got {y.dtype} {tuple(y.shape)}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= cfg.num_class_embeds):
             raise ValueError(f"class labels must lie in 0..{cfg.num_class_embeds - 1} (the last is the null class), "
                              f"got values in [{int(y.min())}, {int(y.max())}]")
@@ -508,12 +511,17 @@ class UNet(nn.Module):
         return memory_format_of(self.conv_out.weight)  # [C_out, base_channels, 3, 3]
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """``y``: class labels ``[B]`` of a class-conditional network (None: the null class)."""
+        """``y``: class labels ``[B]`` of a class-conditional network (None: the null class), or class weights
+        ``[B, num_class_embeds]``: the embedding is their mixture of the class embeddings (one-hot rows are
+        the labels; interpolation between classes walks between their rows)."""
         t = self._check_input(x, t)
         y = self._check_labels(y, x)
         emb = self.time_embed(t.to(x.device))
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(y).to(emb.dtype)  # diffusers: emb = time_embedding + class_embedding
+        if self.class_embed is not None and y is not None:
+            # diffusers: emb = time_embedding + class_embedding
+            class_emb = y.to(self.class_embed.weight.dtype) @ self.class_embed.weight if y.dtype.is_floating_point \
+                else self.class_embed(y)
+            emb = emb + class_emb.to(emb.dtype)
         emb_act = F.silu(emb.to(x.dtype))
         x = x.contiguous(memory_format=self.memory_format())
 
