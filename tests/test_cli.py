@@ -238,3 +238,71 @@ def test_prepare_then_train_streaming_from_the_cache(tmp_path: Path, capsys: pyt
         assert main([*args, "--skip-bad-images"]) == 0
     assert (tmp_path / "r" / "ckpt-00000002").is_dir()
     assert main(["prepare", str(tmp_path / "nowhere")]) == 2
+
+
+def test_inpaint_edit_and_interpolate_write_their_folders(trained_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from ddpm.data.images import find_images
+
+    rng = np.random.default_rng(1)
+    pixels = (rng.random((3, 8, 8, 1)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "in.npz", images=pixels)
+    out = tmp_path / "inpainted"
+    args = ["inpaint", str(trained_run), "--images", str(tmp_path / "in.npz"), "--mask", "half", "--steps", "5",
+            "--resample", "2", "--jump", "2", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    result = np.load(out / "samples.npz")["images"]
+    assert result.shape == (3, 8, 8, 1) and np.array_equal(result[:, :4], pixels[:, :4])  # kept pixels, exactly
+    assert not np.array_equal(result, pixels) and (out / "grid.png").is_file()
+    info = json.loads((out / "inpaint_info.json").read_text())
+    # 5 steps down, and one jump of 2 levels back up at levels 0 and 2: two more steps each
+    assert info["network_evaluations"] == 5 + 2 * 2 and info["images"][2] == f"{tmp_path / 'in.npz'}[2]"
+    assert main(args) == 2 and "already holds samples.npz" in capsys.readouterr().err  # never over earlier results
+    assert main([*args, "--force", "--sampler", "ddim", "--eta", "0.5"]) == 0
+
+    folder = write_folder(tmp_path / "data", n=4)
+    edited = tmp_path / "edited"
+    assert main(["edit", str(trained_run), "--images", str(folder), "--strength", "0.4", "--sampler", "ddim",
+                 "--steps", "3", "--device", "cpu", "--out", str(edited)]) == 0
+    info = json.loads((edited / "edit_info.json").read_text())
+    assert np.load(edited / "samples.npz")["images"].shape == (4, 8, 8, 1)
+    assert info["images"] == [str(p) for p in find_images(folder)]  # in the folder's order
+    assert info["network_evaluations"] == 3 and max(info["timesteps"]) == round(0.4 * 49)
+
+    a, b = sorted(folder.glob("*.png"))[:2]
+    path = tmp_path / "path"
+    assert main(["interpolate", str(trained_run), str(a), str(b), "--frames", "4", "--steps", "5", "--device", "cpu",
+                 "--out", str(path)]) == 0
+    assert np.load(path / "samples.npz")["images"].shape == (4, 8, 8, 1)
+    assert (path / "strip.png").is_file() and Image.open(path / "interpolation.gif").n_frames == 4
+
+
+def test_editing_commands_refuse_bad_input(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(big)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(small)
+    grey_mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((8, 8), 100, np.uint8)).save(grey_mask)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    cases = [
+        (["inpaint", "--images", str(big), "--mask", "half"], "big.png is 16x16 pixels; the model of"),
+        (["inpaint", "--images", str(small), "--mask", str(grey_mask)], "not binary"),
+        (["inpaint", "--images", str(small), "--mask", "box:0,0,9,9"], "0 <= x0 < x1 <= 8"),
+        (["inpaint", "--images", str(small), "--mask", "half", "--sampler", "ancestral", "--eta", "1"],
+         "--eta applies to --sampler ddim"),
+        (["inpaint", "--images", str(broken), "--mask", "half"], "cannot decode image file"),
+        (["inpaint", "--images", str(tmp_path / "none.png"), "--mask", "half"], "none.png does not exist"),
+        (["edit", "--images", str(small), "--strength", "0"], "strength must lie in (0, 1]"),
+        (["edit", "--images", str(small), "--strength", "1.5"], "strength must lie in (0, 1]"),
+        (["edit", "--images", str(small), "--class", "3"], "unconditional model"),
+        (["interpolate", str(small), str(big)], "big.png is 16x16 pixels"),
+        (["interpolate", str(small), str(small), "--frames", "1"], "--frames must be >= 2"),
+    ]
+    for command, message in cases:
+        out = tmp_path / f"out-{len(message)}"
+        assert main([command[0], str(trained_run), *command[1:], "--device", "cpu", "--out", str(out)]) == 2, command
+        err = capsys.readouterr().err
+        assert message in err, (command, err)
+        assert not (out / "samples.npz").exists()

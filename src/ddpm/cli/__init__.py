@@ -17,10 +17,25 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ddpm.cli import demo, eval, export, forward, nll, prepare, runs, sample, stats, sweep, train
+from ddpm.cli import (
+    demo,
+    edit,
+    eval,
+    export,
+    forward,
+    inpaint,
+    interpolate,
+    nll,
+    prepare,
+    runs,
+    sample,
+    stats,
+    sweep,
+    train,
+)
 from ddpm.cli.common import HelpFormatter
 
-COMMANDS = (train, prepare, runs, sample, nll, forward, eval, stats, sweep, demo, export)
+COMMANDS = (train, prepare, runs, sample, inpaint, edit, interpolate, nll, forward, eval, stats, sweep, demo, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -223,3 +223,30 @@ def default_out(source: Path, name: str) -> Path:
 
     base = source.parent if source.name.startswith("ckpt-") else Path.cwd()
     return fresh_folder(base / name)
+
+
+def add_images_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=Path, nargs="+", required=True, metavar="FILES|FOLDER|NPZ",
+                   help="the images to work on: image files, folders of them, or .npz / .npy arrays (uint8 "
+                        "[N, H, W, C]); they must have the model's size")
+
+
+def read_inputs(sources: list[Path], pipe: Any) -> tuple[Any, list[str]]:
+    """The images of ``--images`` as floats ``[N, C, H, W]`` in [-1, 1] for ``pipe``'s model, and their names.
+
+    Raises :class:`~ddpm.errors.UserError` for a model of vectors or images of another size than the model's.
+    """
+    import torch
+
+    from ddpm.data.arrays import uint8_to_float
+    from ddpm.data.images import read_images
+    from ddpm.errors import UserError
+
+    if not pipe.is_image:
+        raise UserError(f"{pipe.source} models vectors of shape {list(pipe.data_shape)}, not images")
+    channels, height, width = pipe.data_shape
+    images, names = read_images(sources, channels=channels)
+    if images.shape[2:] != (height, width):
+        raise UserError(f"{names[0]} is {images.shape[3]}x{images.shape[2]} pixels; the model of {pipe.source} "
+                        f"works on {width}x{height} images")
+    return uint8_to_float(torch.from_numpy(images)), names

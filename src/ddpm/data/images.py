@@ -237,3 +237,41 @@ def random_hflip(batch: Tensor, generator: torch.Generator, *, p: float = 0.5) -
     flip = torch.rand(batch.shape[0], generator=generator, device=generator.device) < p
     flip = flip.to(batch.device).view(-1, 1, 1, 1)
     return torch.where(flip, batch.flip(-1), batch)
+
+
+def read_images(sources: Sequence[Path], *, channels: int) -> tuple[np.ndarray, list[str]]:
+    """Images to edit, uint8 ``[N, C, H, W]`` with ``channels`` channels, and a name for each.
+
+    ``sources`` are image files, folders (every image under them, sorted as `find_images`) and
+    ``.npz`` / ``.npy`` arrays (see :func:`ddpm.data.arrays.read_array_file`), taken in order.
+    Every image must have the same size; nothing is resized (a clear error names the first file
+    that differs).
+    """
+    from ddpm.data.arrays import images_to_nchw, read_array_file
+
+    arrays: list[np.ndarray] = []
+    names: list[str] = []
+    for source in sources:
+        if not source.exists():
+            raise DataError(f"{source} does not exist")
+        if source.suffix.lower() in (".npz", ".npy"):
+            batch = conform_images(images_to_nchw(read_array_file(source)[0], source=str(source)),
+                                   image_size=None, channels=channels)
+            arrays.extend(batch)
+            names.extend(f"{source}[{i}]" for i in range(len(batch)))
+            continue
+        files = find_images(source) if source.is_dir() else [source]
+        if source.is_dir() and not files:
+            raise DataError(f"{source} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        for path in files:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise DataError(f"{path}: not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))}) or .npz / .npy")
+            arrays.append(load_image(path, channels=channels, image_size=None))
+            names.append(str(path))
+    if not arrays:
+        raise DataError("no images given")
+    for name, image in zip(names, arrays, strict=True):
+        if image.shape != arrays[0].shape:
+            raise DataError(f"{name} is {image.shape[2]}x{image.shape[1]} pixels but {names[0]} is "
+                            f"{arrays[0].shape[2]}x{arrays[0].shape[1]}; all images must have one size")
+    return np.stack(arrays), names
