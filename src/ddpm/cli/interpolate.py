@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     written.append(write_json(out / "interpolate_info.json", {
         "checkpoint": str(pipe.source), "weights": args.weights, "a": str(args.a), "b": str(args.b),
         "frames": args.frames, "sampler": args.sampler, "steps": steps,
-        "network_evaluations": {"encode": 2 * steps, "decode": args.frames * steps},
+        "network_evaluations": {"per_image_each_way": steps, "encode_both_ends": 2 * steps,
+                                "decode_all_frames": args.frames * steps},
         "class": args.class_label, "guidance": args.guidance, "seconds": round(seconds, 2),
         "layout": SAMPLES_LAYOUT + "; frame 0 is a decoded, the last b decoded",
     }))
