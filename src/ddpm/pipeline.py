@@ -344,18 +344,23 @@ class Pipeline:
         return [float(t) for t in chain.timestep_map.flip(0)]
 
     # ----------------------------------------------------------------------------- editing
-    def _editable(self, images: torch.Tensor, what: str) -> tuple[GaussianDiffusion, torch.Tensor]:
-        """The Gaussian process and ``images`` checked (``[N, *data_shape]``, finite, in [-1, 1]) as float32."""
+    def _edit_process(self, what: str) -> GaussianDiffusion:
+        """The process, if editing can walk it: Gaussian diffusion of images."""
         if not isinstance(self.process, GaussianDiffusion):
             raise UserError(f"{what} walks Gaussian diffusion; {self.source} is a {self.process.name!r} model")
         if not self.is_image:
             raise UserError(f"{what} works on images; {self.source} models vectors of shape {list(self.data_shape)}")
+        return self.process
+
+    def _editable(self, images: torch.Tensor, what: str) -> tuple[GaussianDiffusion, torch.Tensor]:
+        """The Gaussian process and ``images`` checked (``[N, *data_shape]``, finite, in [-1, 1]) as float32."""
+        process = self._edit_process(what)
         images = torch.as_tensor(images)
         if images.ndim != 4 or tuple(images.shape[1:]) != self.data_shape:
             raise UserError(f"images of shape {list(images.shape)} do not fit a model of {list(self.data_shape)} "
                             f"(channels, height, width): resize them first")
         check_images_in_range(images, what)
-        return self.process, images.float()
+        return process, images.float()
 
     def resolve_steps(self, steps: int | None, default: int) -> int:
         """``steps``, or ``default`` capped at T when None (the defaults of editing)."""
@@ -484,7 +489,7 @@ class Pipeline:
         ``steps`` network evaluations per image; x_0 unclipped by default, as :meth:`encode` leaves it.
         """
         check_inversion_sampler(sampler)
-        process, _ = self._editable(torch.zeros(1, *self.data_shape), "decoding")
+        process = self._edit_process("decoding")
         x_T = torch.as_tensor(x_T)
         if x_T.ndim != 4 or tuple(x_T.shape[1:]) != self.data_shape:
             raise UserError(f"x_T of shape {list(x_T.shape)} does not fit a model of {list(self.data_shape)}")
