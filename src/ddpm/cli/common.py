@@ -137,23 +137,31 @@ def add_sampler_flags(p: argparse.ArgumentParser, *, steps: int | None = None) -
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per network call")
 
 
-def class_choice(text: str) -> int | str:
-    """``--class``: a class label (an integer >= 0) or ``all``."""
-    if text == "all":
-        return text
+def class_label(text: str) -> int:
+    """``--class`` of the editing commands: a class label, an integer >= 0."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a class label (an integer) or 'all', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a class label (an integer), got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"class labels are >= 0, got {value}")
     return value
 
 
-def add_class_flags(p: argparse.ArgumentParser, *, all_help: str) -> None:
-    """--class and --guidance of class-conditional models."""
-    p.add_argument("--class", dest="class_label", type=class_choice, default=None, metavar="LABEL|all",
-                   help=f"class-conditional models: the class to draw, or 'all' ({all_help}); default: unconditional")
+def class_choice(text: str) -> int | str:
+    """``--class`` of sampling: a class label (an integer >= 0) or ``all``."""
+    return text if text == "all" else class_label(text)
+
+
+def add_class_flags(p: argparse.ArgumentParser, *, all_help: str | None = None) -> None:
+    """--class and --guidance of class-conditional models; ``all_help`` (what ``--class all`` does) allows 'all'."""
+    if all_help is None:
+        p.add_argument("--class", dest="class_label", type=class_label, default=None, metavar="LABEL",
+                       help="class-conditional models: the class to aim every image at; default: unconditional")
+    else:
+        p.add_argument("--class", dest="class_label", type=class_choice, default=None, metavar="LABEL|all",
+                       help=f"class-conditional models: the class to draw, or 'all' ({all_help}); "
+                            "default: unconditional")
     p.add_argument("--guidance", type=nonnegative_float, default=1.0,
                    help="classifier-free guidance weight w (0: unconditional, 1: conditional, more: sharper)")
 
@@ -250,3 +258,26 @@ def read_inputs(sources: list[Path], pipe: Any) -> tuple[Any, list[str]]:
         raise UserError(f"{names[0]} is {images.shape[3]}x{images.shape[2]} pixels; the model of {pipe.source} "
                         f"works on {width}x{height} images")
     return uint8_to_float(torch.from_numpy(images)), names
+
+
+def edit_record(args: argparse.Namespace, pipe: Any, names: list[str], seconds: float) -> dict[str, Any]:
+    """What every editing command records of its run (the command's own settings are added by it)."""
+    return {"checkpoint": str(pipe.source), "weights": args.weights, "images": names, "class": args.class_label,
+            "guidance": args.guidance, "seed": args.seed, "seconds": round(seconds, 2)}
+
+
+def save_edits(out: Path, result: Any, columns: list[Any], *, info_name: str, record: dict[str, Any]) -> None:
+    """Write an editing command's results and print their paths: ``samples.npz`` (the results in the input's
+    order), ``grid.png`` (one row per image, ``columns`` ``[N, C, H, W]`` side by side, the first 64 rows) and
+    ``info_name`` (``record`` and the layout)."""
+    import torch
+
+    from ddpm import viz
+    from ddpm.outputs import SAMPLES_LAYOUT, save_samples, write_json
+
+    written = save_samples(result, out, ["npz"], is_image=True)
+    grid = torch.stack(columns, dim=1)[:64].flatten(0, 1)
+    written.append(viz.save_grid(grid, out / "grid.png", nrow=len(columns)))
+    written.append(write_json(out / info_name, {**record, "layout": SAMPLES_LAYOUT + "; in the order of the images"}))
+    for path in written:
+        say(f"wrote {path}")

@@ -14,9 +14,11 @@ from ddpm.cli.common import (
     add_output_flags,
     add_sampler_flags,
     default_out,
+    edit_record,
     finite_float,
     read_inputs,
     sampler_options,
+    save_edits,
     say,
 )
 
@@ -32,22 +34,16 @@ def register(sub: Any) -> None:
                         "from noise")
     add_sampler_flags(p)
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
-    add_class_flags(p, all_help="not available here")
+    add_class_flags(p)
     add_output_flags(p, "edited")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     import ddpm
-    from ddpm import viz
     from ddpm.editing import edit_timesteps, sdedit_plan
-    from ddpm.errors import UserError
-    from ddpm.outputs import SAMPLES_LAYOUT, prepare_output_folder, save_samples, write_json
+    from ddpm.outputs import prepare_output_folder
 
-    if args.class_label == "all":
-        raise UserError("--class all is for sampling; give one class for every image")
     pipe = ddpm.load(args.checkpoint, weights=args.weights, checkpoint=args.which, device=args.device)
     sampler = pipe.sampler_name(args.sampler)
     options = sampler_options(args, sampler)
@@ -60,17 +56,10 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, batch_size=args.batch_size, classes=args.class_label, guidance=args.guidance,
                        clip_denoised=False if args.no_clip else None, progress=True, **options)
     seconds = time.perf_counter() - t0
-    written = save_samples(result, out, ["npz"], is_image=True)
-    columns = torch.stack([images, result], dim=1).flatten(0, 1)  # input | result per row
-    written.append(viz.save_grid(columns[: 2 * 64], out / "grid.png", nrow=2))
-    written.append(write_json(out / "edit_info.json", {
-        "checkpoint": str(pipe.source), "weights": args.weights, "images": names, "strength": args.strength,
-        "sampler": sampler, "network_evaluations": nfe, "options": options,
+    save_edits(out, result, [images, result], info_name="edit_info.json", record={
+        **edit_record(args, pipe, names, seconds), "strength": args.strength, "sampler": sampler,
+        "network_evaluations": nfe, "options": options,
         "timesteps": edit_timesteps(pipe.process, args.strength, sampler, args.steps, args.spacing),
-        "class": args.class_label, "guidance": args.guidance, "seed": args.seed, "seconds": round(seconds, 2),
-        "layout": SAMPLES_LAYOUT + "; in the order of the images",
-    }))
-    for path in written:
-        say(f"wrote {path}")
+    })
     say(f"{len(names)} images edited at strength {args.strength} in {seconds:.1f}s")
     return 0

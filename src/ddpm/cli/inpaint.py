@@ -13,9 +13,11 @@ from ddpm.cli.common import (
     add_images_flag,
     add_output_flags,
     default_out,
+    edit_record,
     finite_float,
     positive_int,
     read_inputs,
+    save_edits,
     say,
 )
 
@@ -43,23 +45,18 @@ def register(sub: Any) -> None:
     p.add_argument("--eta", type=finite_float, default=None, help="noise scale of --sampler ddim (default 0)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per network call")
-    add_class_flags(p, all_help="not available here")
+    add_class_flags(p)
     add_output_flags(p, "inpainted")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     import ddpm
-    from ddpm import viz
     from ddpm.editing import parse_mask, repaint_evaluations
     from ddpm.errors import UserError
-    from ddpm.outputs import SAMPLES_LAYOUT, prepare_output_folder, save_samples, write_json
+    from ddpm.outputs import prepare_output_folder
     from ddpm.pipeline import INPAINT_STEPS
 
-    if args.class_label == "all":
-        raise UserError("--class all is for sampling; give one class for every image")
     options = {} if args.eta is None else {"eta": args.eta}
     if options and args.sampler != "ddim":
         raise UserError("--eta applies to --sampler ddim")
@@ -75,19 +72,12 @@ def run(args: argparse.Namespace) -> int:
                           classes=args.class_label, guidance=args.guidance,
                           clip_denoised=False if args.no_clip else None, progress=True, **options)
     seconds = time.perf_counter() - t0
-    written = save_samples(result, out, ["npz"], is_image=True)
-    mask_image = keep.float().mul(2).sub(1).expand(images.shape[0], images.shape[1], -1, -1)
-    columns = torch.stack([images, mask_image, result], dim=1).flatten(0, 1)  # input | mask | result per row
-    written.append(viz.save_grid(columns[: 3 * 64], out / "grid.png", nrow=3))
-    written.append(write_json(out / "inpaint_info.json", {
-        "checkpoint": str(pipe.source), "weights": args.weights, "images": names, "mask": args.mask,
+    mask_image = keep.float().mul(2).sub(1).expand_as(images)  # white = keep, black = fill
+    save_edits(out, result, [images, mask_image, result], info_name="inpaint_info.json", record={
+        **edit_record(args, pipe, names, seconds), "mask": args.mask,
         "kept_fraction": round(float(keep.float().mean()), 4), "sampler": args.sampler, "steps": steps,
         "resample": args.resample, "jump": args.jump, "options": options,
         "network_evaluations": repaint_evaluations(steps, args.resample, args.jump),
-        "class": args.class_label, "guidance": args.guidance, "seed": args.seed, "seconds": round(seconds, 2),
-        "layout": SAMPLES_LAYOUT + "; in the order of the images",
-    }))
-    for path in written:
-        say(f"wrote {path}")
+    })
     say(f"{len(names)} images inpainted in {seconds:.1f}s")
     return 0
